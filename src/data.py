@@ -1,0 +1,298 @@
+"""Data: scan an ImageFolder tree, split it into stratified folds, load and transform images.
+
+Nothing here knows about models or tracking. The split is a pure function of the
+file list, `n_folds` and `split_seed`, so the same settings give the same folds on
+any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from src.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+DATA_HINT = "run `dvc pull` to fetch the data, or `make data` to write the built-in sample digits"
+
+
+@dataclass
+class ImageFolder:
+    """The usable images of a `root/<class>/<image>` tree and the files that were skipped."""
+
+    root: Path
+    classes: list[str]
+    paths: list[str]
+    targets: np.ndarray
+    skipped: list[str] = field(default_factory=list)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        return dict(zip(self.classes, counts.tolist(), strict=True))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white.
+
+    `Image.convert("RGB")` alone clips 16-bit grey (I;16, I) to 255 and keeps the
+    arbitrary colour stored under fully transparent pixels, so both are handled here.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode one image file as RGB."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+def _is_readable_image(path: Path) -> bool:
+    """Cheap validity check: headers and checksums for all files, a reduced decode for JPEG.
+
+    PNG `verify()` walks every chunk CRC, which catches truncation without decoding;
+    a JPEG is only proven whole by decoding it, done at 1/8 scale via `draft`.
+    """
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            if image.format != "PNG":
+                image.load()
+        return True
+    except Exception:  # Pillow raises many types for broken files; any of them means skip.
+        return False
+
+
+def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFolder:
+    """List `root/<class>/*` images; classes are the sorted sub-folder names.
+
+    Hidden files, non-image files and unreadable images are skipped and listed once.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what}={root} does not exist; {DATA_HINT}, or point {what} at your own ImageFolder tree")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(f"{what}={root} has no class folders; expected {root}/<class>/<image>; {DATA_HINT}")
+    classes, paths, targets, skipped = [], [], [], []
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        good = []
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or (
+                path.suffix.lower() not in IMAGE_EXTENSIONS or not _is_readable_image(path)
+            ):
+                skipped.append(rel)
+            else:
+                good.append(rel)
+        if not good:
+            raise UserError(f"class folder {class_dir} has no readable images; add images to it or remove the folder")
+        classes.append(class_dir.name)
+        paths.extend(good)
+        targets.extend([len(classes) - 1] * len(good))
+    if skipped:
+        shown = ", ".join(skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+        log.warning("skipped %d files in %s that are hidden, not images, or unreadable: %s", len(skipped), root, shown)
+    return ImageFolder(root, classes, paths, np.asarray(targets, dtype=np.int64), skipped)
+
+
+def assign_folds(targets: np.ndarray, classes: Sequence[str], n_folds: int, split_seed: int) -> np.ndarray:
+    """Fold index of every sample from scikit-learn's StratifiedKFold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if n_folds < 2:
+        raise UserError(f"n_folds={n_folds} must be at least 2")
+    counts = np.bincount(targets, minlength=len(classes))
+    small = [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if n < n_folds]
+    if small:
+        raise UserError(
+            f"every class needs at least n_folds={n_folds} images, but these have fewer: {', '.join(small)}; "
+            f"add images or lower n_folds"
+        )
+    folds = np.empty(len(targets), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=split_seed)
+    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(targets)), targets)):
+        folds[val_idx] = k
+    return folds
+
+
+def build_transform(
+    image_size: int,
+    train: bool = False,
+    augment: bool = False,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Resize and centre-crop (or random-resized-crop and flip when augmenting), then normalise."""
+    if train and augment:
+        spatial = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+        spatial += [v2.RandomHorizontalFlip()] if hflip else []
+    else:
+        spatial = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [v2.ToImage(), *spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+
+
+class ImageDataset(Dataset):
+    """Images listed by relative path under `root`, decoded once per access."""
+
+    def __init__(self, root: Path, paths: Sequence[str], targets: Sequence[int], transform: v2.Compose) -> None:
+        self.root, self.paths, self.targets, self.transform = Path(root), list(paths), list(targets), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.root / self.paths[index])), self.targets[index]
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """`auto` leaves one core for the training process and caps at 8."""
+    if num_workers == "auto":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return int(num_workers)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False) -> DataLoader:
+    """A DataLoader with persistent workers and pinned memory when they pay off."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class FoldDataModule(L.LightningDataModule):
+    """Train on every fold but `fold`, validate on `fold`, of a stratified k-fold split."""
+
+    def __init__(
+        self,
+        train_dir: str,
+        fold: int,
+        n_folds: int = 5,
+        split_seed: int = 42,
+        image_size: int = 224,
+        augment: bool = False,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        hflip: bool = True,
+        batch_size: int = 32,
+        num_workers: int | str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(fold, int) or not 0 <= fold < n_folds:
+            raise UserError(f"fold={fold} is outside [0, {n_folds}); pick fold=0..{n_folds - 1} or change n_folds")
+        self.train_dir, self.fold, self.n_folds, self.split_seed = Path(train_dir), fold, n_folds, split_seed
+        self.image_size, self.batch_size = image_size, batch_size
+        self.num_workers = resolve_num_workers(num_workers)
+        self.train_transform = build_transform(image_size, True, augment, crop_scale, hflip)
+        self.eval_transform = build_transform(image_size)
+        self.images: ImageFolder | None = None
+        self.folds: np.ndarray | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.images is None:
+            self.images = scan_image_folder(self.train_dir)
+            self.folds = assign_folds(self.images.targets, self.images.classes, self.n_folds, self.split_seed)
+
+    @property
+    def classes(self) -> list[str]:
+        self.setup()
+        return self.images.classes
+
+    def indices(self, train: bool) -> np.ndarray:
+        """Positions of this fold's training (or validation) samples."""
+        self.setup()
+        return np.flatnonzero((self.folds != self.fold) if train else (self.folds == self.fold))
+
+    def split_rows(self) -> list[dict[str, object]]:
+        """One row per image (path, class, fold), the record of the split kept with the run."""
+        self.setup()
+        return [
+            {"path": p, "class": self.images.classes[t], "fold": int(f)}
+            for p, t, f in zip(self.images.paths, self.images.targets, self.folds, strict=True)
+        ]
+
+    def _dataset(self, train: bool) -> ImageDataset:
+        idx = self.indices(train)
+        return ImageDataset(
+            self.train_dir,
+            [self.images.paths[i] for i in idx],
+            self.images.targets[idx].tolist(),
+            self.train_transform if train else self.eval_transform,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self._dataset(True), self.batch_size, self.num_workers, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self._dataset(False), self.batch_size, self.num_workers)
+
+
+def dvc_data_version(train_dir: str | Path, dvc_file: str | Path = "data.dvc") -> dict[str, str]:
+    """The md5 that `data.dvc` records for the data folder, and whether the workspace still matches it.
+
+    Empty when `train_dir` is not inside the DVC-tracked folder.
+    """
+    dvc_file = Path(dvc_file)
+    if not dvc_file.is_file():
+        return {}
+    import yaml
+
+    out = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])[0]
+    tracked = (dvc_file.parent / out.get("path", "")).resolve()
+    if "md5" not in out or not Path(train_dir).resolve().is_relative_to(tracked):
+        return {}
+    tags = {"data_version": out["md5"], "data_dvc_file": str(dvc_file)}
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(dvc_file.parent)) as repo:
+            changed = bool(repo.status(targets=[str(dvc_file)]))
+    except Exception as err:  # no DVC repo, broken cache: the md5 is still worth recording
+        log.warning("could not compare %s with %s: %s", tracked, dvc_file, err)
+        tags["data_matches_dvc"] = "unknown"
+        return tags
+    tags["data_matches_dvc"] = str(not changed).lower()
+    if changed:
+        log.warning(
+            "%s differs from %s (md5 %s): run `dvc add %s` to version the change, or `dvc checkout` to restore it",
+            tracked,
+            dvc_file,
+            out["md5"],
+            out.get("path"),
+        )
+    return tags

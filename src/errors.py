@@ -1,0 +1,35 @@
+"""Bad input: one exception type that Hydra prints as a single line, without a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import CompactHydraException
+
+log = logging.getLogger(__name__)
+
+
+class UserError(CompactHydraException):
+    """Bad input the user can fix; the message says how."""
+
+
+def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run one Hydra job and turn bad input into one line on stderr.
+
+    A single run exits with status 2. In a sweep the error is logged when it happens and
+    re-raised, so Hydra goes on with the next job and reports the failure at the end.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return fn(cfg)
+    except UserError as err:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("error: %s", err)
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

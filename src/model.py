@@ -1,0 +1,265 @@
+"""Model: torchvision backbones with a new head, freezing, and the Lightning module that trains them.
+
+The network is kept as two modules, `backbone` (image -> feature vector) and `head`
+(feature vector -> logits), so that freezing, feature caching and export all work on
+the same split. Saved files hold torchvision's own state-dict layout, loadable into
+`torchvision.models.get_model(backbone, num_classes=len(classes))` with no code of ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchvision
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from src.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HEAD_ATTRS = ("fc", "classifier", "heads", "head")
+MODEL_FILE_FORMAT = 1
+
+
+def _head_attr(net: nn.Module) -> str:
+    for attr in HEAD_ATTRS:
+        if isinstance(getattr(net, attr, None), nn.Module):
+            return attr
+    raise UserError(f"{type(net).__name__} has no fc/classifier/head layer to replace; pick another backbone")
+
+
+def _replace_last_linear(head: nn.Module, num_classes: int) -> nn.Module:
+    """New output layer sized to the classes; earlier layers of a multi-layer head stay."""
+    if isinstance(head, nn.Linear):
+        return nn.Linear(head.in_features, num_classes)
+    last = [name for name, module in head.named_modules() if isinstance(module, nn.Linear)][-1]
+    parent = head.get_submodule(last.rpartition(".")[0]) if "." in last else head
+    old = head.get_submodule(last)
+    setattr(parent, last.rpartition(".")[2], nn.Linear(old.in_features, num_classes))
+    return head
+
+
+def _weights_hint(name: str, weights: str) -> str:
+    try:
+        url = torchvision.models.get_model_weights(name)[weights].url
+        target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        return f"download {url} to {target}, or pass model.weights=/path/to/weights.pth, or model.weights=null"
+    except Exception:  # the hint must never hide the original error
+        return "pass model.weights=/path/to/weights.pth or model.weights=null"
+
+
+def _load_local_weights(net: nn.Module, path: Path, head_attr: str) -> None:
+    """Load every backbone tensor from a torchvision-layout state dict (or one of our model files)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(
+            f"model.weights={path} could not be read as a PyTorch state dict ({err}); check the file"
+        ) from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights={path} holds no state dict; save one with torch.save(model.state_dict(), path)")
+    backbone_state = {k: v for k, v in state.items() if not k.startswith(f"{head_attr}.")}
+    result = net.load_state_dict(backbone_state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(f"{head_attr}.")]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"model.weights={path} does not fit this backbone (missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}); use weights saved from the same architecture"
+        )
+
+
+def build_network(name: str, num_classes: int, weights: str | None) -> tuple[nn.Module, nn.Module, str]:
+    """torchvision model `name` split into (backbone, new head, head attribute name).
+
+    `weights` is a torchvision weights enum name (e.g. IMAGENET1K_V1, fetched into the
+    torch hub cache), a path to a local state-dict file, or None for random init.
+    """
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(
+            f"unknown backbone {name!r}; use model=resnet18|resnet50|mobilenet_v3_small|efficientnet_b0 "
+            f"or model.name=<a torchvision classification model>"
+        )
+    local = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin"} or "/" in str(weights))
+    if weights is None or local:
+        net = torchvision.models.get_model(name, weights=None)
+        if local:
+            if not Path(weights).is_file():
+                raise UserError(f"model.weights={weights} is not a file; give the path to a saved state dict")
+            _load_local_weights(net, Path(weights), _head_attr(net))
+    else:
+        available = [w.name for w in torchvision.models.get_model_weights(name)]
+        if weights not in available:
+            raise UserError(
+                f"model.weights={weights} is not a {name} weight set; use one of {available}, a file, or null"
+            )
+        try:
+            net = torchvision.models.get_model(name, weights=weights)
+        except Exception as err:  # URLError, socket timeouts, HTTP errors, truncated downloads
+            raise UserError(
+                f"could not download {name} {weights} weights ({err}); {_weights_hint(name, weights)}"
+            ) from err
+    attr = _head_attr(net)
+    head = _replace_last_linear(getattr(net, attr), num_classes)
+    setattr(net, attr, nn.Identity())
+    return net, head, attr
+
+
+def native_state_dict(backbone: nn.Module, head: nn.Module, head_attr: str) -> dict[str, torch.Tensor]:
+    """The state dict in torchvision's own layout (`layer1...`, `fc.weight`)."""
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    state.update({f"{head_attr}.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
+    return state
+
+
+def native_network(name: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain torchvision model (eval mode) holding `state`, the form we export and log to MLflow."""
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def save_model_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write state dict + metadata (classes, backbone, image settings); loads with weights_only=True."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": MODEL_FILE_FORMAT, "state_dict": state, **meta}, tmp)
+    tmp.replace(path)  # never leave a half-written model where a good one was
+    return path
+
+
+class ImageClassifier(L.LightningModule):
+    """A backbone + head classifier; `freeze_backbone` trains the head alone.
+
+    Inputs may be images (N, 3, H, W) or precomputed backbone features (N, D): the
+    latter skip the backbone, which is how the frozen-backbone feature cache trains.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        classes: list[str],
+        image_size: int,
+        freeze_backbone: bool = True,
+        weights: str | None = None,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.backbone, self.head, self.head_attr = build_network(backbone, len(classes), weights)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.criterion = nn.CrossEntropyLoss()
+        n = len(classes)
+        metrics = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(n, average="micro"),
+                "f1": MulticlassF1Score(n, average="macro"),
+                "balanced_accuracy": MulticlassAccuracy(n, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Keep a frozen backbone in eval mode: Lightning calls train() every epoch, and
+        BatchNorm would otherwise keep updating its running statistics."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x if x.ndim == 2 else self.backbone(x))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def on_train_epoch_end(self) -> None:
+        # "step" makes Lightning's loggers use the epoch as the x-axis instead of the batch count.
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("step", float(self.current_epoch))
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        factory = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
+        optimizer = factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }
+
+    def model_meta(self) -> dict[str, Any]:
+        """What test.py needs besides the weights: classes, backbone and image settings."""
+        hp = self.hparams
+        return {
+            "backbone": hp.backbone,
+            "classes": list(hp.classes),
+            "image_size": int(hp.image_size),
+            "mean": [float(m) for m in hp.mean],
+            "std": [float(s) for s in hp.std],
+            "freeze_backbone": bool(hp.freeze_backbone),
+        }
+
+    def native_state_dict(self) -> dict[str, torch.Tensor]:
+        return native_state_dict(self.backbone, self.head, self.head_attr)
+
+
+def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained network (eval mode) and its metadata from an exported `.pth` or a Lightning `.ckpt`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"ckpt={path} does not exist; pass an exported models/*.pth, a Lightning .ckpt or a models:/ URI"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(
+            f"ckpt={path} is not a readable PyTorch file ({type(err).__name__}); re-export or pick another checkpoint"
+        ) from err
+    if isinstance(saved, dict) and "hyper_parameters" in saved and "state_dict" in saved:
+        hp = saved["hyper_parameters"]
+        module = ImageClassifier(**{**hp, "weights": None})
+        module.load_state_dict(saved["state_dict"])
+        meta = module.model_meta()
+        return native_network(meta["backbone"], len(meta["classes"]), module.native_state_dict()), meta
+    if isinstance(saved, dict) and {"state_dict", "classes", "backbone", "image_size"} <= saved.keys():
+        meta = {k: v for k, v in saved.items() if k != "state_dict"}
+        return native_network(meta["backbone"], len(meta["classes"]), saved["state_dict"]), meta
+    raise UserError(
+        f"ckpt={path} holds no classes and backbone; pass a file written by train.py (models/*.pth or a .ckpt)"
+    )

@@ -1,0 +1,23 @@
+"""Score a trained model on data/test:
+
+    python test.py ckpt=models/cnn_resnet18_freeze_backbone_True_fold_3.pth
+    python test.py ckpt=models:/resnet18_classifier@champion
+
+Heavy libraries are imported inside main() so that --help and --cfg answer at once.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="test")
+def main(cfg: DictConfig) -> float:
+    """Returns the test accuracy."""
+    from src.errors import run_job
+    from src.testing import test
+
+    return run_job(test, cfg)["accuracy"]
+
+
+if __name__ == "__main__":
+    main()
