@@ -68,6 +68,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Decode one image file as RGB."""
     with Image.open(path) as image:
+        image.load()  # decode before the file closes; to_rgb may return this very image
         return to_rgb(image)
 
 
@@ -185,11 +186,15 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False) -> DataLoader:
-    """A DataLoader with persistent workers and pinned memory when they pay off."""
+    """A DataLoader with persistent workers and pinned memory when they pay off.
+
+    A shuffled (training) loader drops a last batch of one sample: BatchNorm cannot train on it.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        drop_last=shuffle and len(dataset) % batch_size == 1,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

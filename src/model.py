@@ -206,8 +206,11 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_metrics, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        # A logged "step" makes Lightning's loggers use the epoch as the x-axis, not the batch count.
+        self.log("step", float(self.current_epoch))
+
     def on_train_epoch_end(self) -> None:
-        # "step" makes Lightning's loggers use the epoch as the x-axis instead of the batch count.
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("step", float(self.current_epoch))
 

@@ -33,7 +33,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "run_type"  # cv_parent | fold | test
 CHAMPION = "champion"
 # Keys that say where or how a run is logged, not what is trained.
-NOT_IDENTITY = ("fold", "paths", "logger", "callbacks", "model_file", "data.num_workers", "resume", "ckpt_path")
+NOT_IDENTITY = ("fold", "paths", "logger", "callbacks", "model_dir", "data.num_workers", "resume", "ckpt_path")
 NOT_IN_NAME = ("fold", "experiment", "logger", "data.train_dir", "data.test_dir", "hydra", "trainer", "callbacks")
 
 

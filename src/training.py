@@ -26,6 +26,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen backbone, on purpose
 
 
 class EpochHistory(L.Callback):
@@ -69,8 +70,8 @@ def build_model(cfg: DictConfig, classes: list[str]) -> ImageClassifier:
 
 def model_file(cfg: DictConfig, fold: int) -> Path:
     """The seed project's export name: models/cnn_<backbone>_freeze_backbone_<True|False>_fold_<k>.pth."""
-    return Path(
-        cfg.model_file.format(backbone=cfg.model.name, freeze_backbone=bool(cfg.model.freeze_backbone), fold=fold)
+    return (
+        Path(cfg.model_dir) / f"cnn_{cfg.model.name}_freeze_backbone_{bool(cfg.model.freeze_backbone)}_fold_{fold}.pth"
     )
 
 

@@ -1,0 +1,127 @@
+"""The real command lines: train.py for one fold and for a sweep, test.py on .pth and .ckpt, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_overrides
+
+ONE_LINE_ERROR = "error: "
+
+
+def error_line(result) -> str:
+    """A bad-input failure is exit status 2 and exactly one line on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith(ONE_LINE_ERROR), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(image_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fold trained by `python train.py fold=0` (no tracking)."""
+    tmp = tmp_path_factory.mktemp("train")
+    result = run_cli("train.py", *tiny_overrides(image_root, tmp), "fold=0", "logger=none", "epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best_val_accuracy: " in result.stdout
+    return tmp
+
+
+def test_train_one_fold_writes_model_reports_and_split(trained: Path) -> None:
+    model_path = trained / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth"
+    saved = torch.load(model_path, weights_only=True)
+    assert saved["classes"] == ["cat", "dog", "fox"] and saved["backbone"] == "resnet18" and saved["fold"] == 0
+    assert 0.0 <= saved["best_val_accuracy"] <= 1.0
+    out = trained / "outputs"
+    with (out / "split.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and {r["fold"] for r in rows} == {"0", "1"}
+    with (out / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    assert [h["epoch"] for h in history] == ["0", "1"]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_f1", "lr"} <= history[0].keys()
+    for name in ("curves_loss.png", "curves_accuracy.png", "val_confusion_matrix.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "macro avg" in (out / "val_classification_report.txt").read_text()
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_test_py_scores_the_exported_pth_and_the_ckpt_alike(trained: Path, image_root: Path) -> None:
+    scores = []
+    for i, ckpt in enumerate(
+        [trained / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth", trained / "outputs/checkpoints/best.ckpt"]
+    ):
+        out = trained / f"test{i}"
+        result = run_cli(
+            "test.py", f"ckpt={ckpt}", f"data.test_dir={image_root / 'test'}", "logger=none", f"hydra.run.dir={out}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((out / "test_metrics.json").read_text())
+        assert {"accuracy", "loss", "f1", "balanced_accuracy", "precision", "recall"} <= metrics.keys()
+        with (out / "test_predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 9 and rows[0].keys() == {"path", "true", "predicted", "confidence"}
+        correct = sum(r["true"] == r["predicted"] for r in rows) / len(rows)
+        assert metrics["accuracy"] == pytest.approx(correct)
+        assert "precision" in result.stdout and "support" in result.stdout  # the printed tables
+        assert (out / "test_confusion_matrix.png").is_file()
+        assert "dog" in (out / "test_classification_report.txt").read_text()
+        scores.append({k: v for k, v in metrics.items() if k != "ckpt"})
+    assert scores[0] == pytest.approx(scores[1])
+
+
+def test_sweep_over_folds_and_lr_names_job_folders_by_override(image_root: Path, tmp_path: Path) -> None:
+    result = run_cli("train.py", "-m", *tiny_overrides(image_root, tmp_path), "logger=none", "fold=0,1", "lr=1e-3,1e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert jobs == ["fold=0,lr=0.0001", "fold=0,lr=0.001", "fold=1,lr=0.0001", "fold=1,lr=0.001"]
+    assert result.stdout.count("best_val_accuracy: ") == 4
+    for job in jobs:
+        assert (tmp_path / "multirun" / job / "history.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "cnn_resnet18_freeze_backbone_True_fold_0.pth",
+        "cnn_resnet18_freeze_backbone_True_fold_1.pth",
+    ]
+
+
+def test_missing_data_is_one_line_naming_dvc_pull(tmp_path: Path, image_root: Path) -> None:
+    overrides = [o for o in tiny_overrides(image_root, tmp_path) if not o.startswith("data.train_dir")]
+    line = error_line(run_cli("train.py", *overrides, f"data.train_dir={tmp_path / 'nothing'}", "logger=none"))
+    assert "dvc pull" in line and "make data" in line
+
+
+def test_fold_out_of_range_is_one_line(tmp_path: Path, image_root: Path) -> None:
+    line = error_line(run_cli("train.py", *tiny_overrides(image_root, tmp_path), "fold=2", "logger=none"))
+    assert "fold=2 is outside [0, 2)" in line
+
+
+def test_unknown_backbone_is_one_line(tmp_path: Path, image_root: Path) -> None:
+    line = error_line(
+        run_cli("train.py", *tiny_overrides(image_root, tmp_path), "model.name=resnet9000", "logger=none")
+    )
+    assert "unknown backbone" in line
+
+
+def test_unknown_test_class_and_bad_ckpt_are_one_line(trained: Path, tmp_path: Path) -> None:
+    model = trained / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth"
+    (tmp_path / "test" / "wolf").mkdir(parents=True)
+    torch.save({}, tmp_path / "empty.pth")
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "test", per_class=1)
+    import shutil
+
+    shutil.copy(tmp_path / "test" / "cat" / "000.png", tmp_path / "test" / "wolf" / "000.png")
+    base = ["logger=none", f"hydra.run.dir={tmp_path / 'out'}"]
+    line = error_line(run_cli("test.py", f"ckpt={model}", f"data.test_dir={tmp_path / 'test'}", *base))
+    assert "wolf" in line and "not trained on" in line
+    assert "does not exist" in error_line(run_cli("test.py", f"ckpt={tmp_path / 'gone.pth'}", *base))
+    (tmp_path / "bad.ckpt").write_bytes(b"\x00garbage")
+    assert "not a readable PyTorch file" in error_line(run_cli("test.py", f"ckpt={tmp_path / 'bad.ckpt'}", *base))
+    assert "ckpt=" in error_line(run_cli("test.py", *base))

@@ -1,0 +1,133 @@
+"""Data: scanning, skipping bad files, image modes, stratified folds, the sample digits."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.data import FoldDataModule, assign_folds, scan_image_folder, to_rgb
+from src.errors import UserError
+from src.sample_data import write_digits
+from tests.conftest import write_images
+
+
+def test_folds_are_stratified_disjoint_covering_and_repeatable() -> None:
+    targets = np.repeat(np.arange(3), [10, 20, 30])
+    folds = assign_folds(targets, ["a", "b", "c"], n_folds=5, split_seed=7)
+    assert sorted(set(folds.tolist())) == [0, 1, 2, 3, 4]  # covering: every sample has exactly one fold
+    for k in range(5):
+        counts = np.bincount(targets[folds == k], minlength=3)
+        assert counts.tolist() == [2, 4, 6]  # stratified: each fold holds a fifth of each class
+    assert np.array_equal(folds, assign_folds(targets, ["a", "b", "c"], 5, 7))
+    assert not np.array_equal(folds, assign_folds(targets, ["a", "b", "c"], 5, 8))
+
+
+def test_datamodule_validates_on_its_fold_and_trains_on_the_rest(image_root: Path) -> None:
+    seen = []
+    for fold in range(3):
+        dm = FoldDataModule(str(image_root / "train"), fold=fold, n_folds=3, image_size=32, num_workers=0)
+        train, val = set(dm.indices(True)), set(dm.indices(False))
+        assert train.isdisjoint(val) and len(train | val) == 18
+        seen.extend(val)
+        x, y = next(iter(dm.val_dataloader()))
+        assert x.shape[1:] == (3, 32, 32) and x.dtype.is_floating_point
+    assert sorted(seen) == list(range(18))
+    rows = dm.split_rows()
+    assert {r["class"] for r in rows} == {"cat", "dog", "fox"} and {r["fold"] for r in rows} == {0, 1, 2}
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if image.mode != "CMYK" else "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "make"),
+    [
+        ("L", lambda: Image.new("L", (4, 4), 200)),
+        ("LA", lambda: Image.new("LA", (4, 4), (200, 255))),
+        ("P", lambda: Image.new("RGB", (4, 4), (200, 200, 200)).convert("P", palette=Image.Palette.ADAPTIVE)),
+        ("RGBA", lambda: Image.new("RGBA", (4, 4), (200, 200, 200, 255))),
+        ("CMYK", lambda: Image.new("RGB", (4, 4), (200, 200, 200)).convert("CMYK")),
+        ("I;16", lambda: Image.fromarray(np.full((4, 4), 200 * 257, dtype=np.uint16))),
+    ],
+)
+def test_every_image_mode_becomes_rgb(mode: str, make) -> None:
+    image = make()
+    assert image.mode == mode
+    reloaded = Image.open(io.BytesIO(_png_bytes(image)))
+    for candidate in (image, reloaded):
+        rgb = to_rgb(candidate)
+        assert rgb.mode == "RGB"
+        assert np.abs(np.asarray(rgb, dtype=int) - 200).max() <= 3, mode  # 16-bit is scaled, not clipped to 255
+
+
+def test_transparent_pixels_become_white() -> None:
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(rgba)).min() == 255
+
+
+def test_bad_files_are_skipped_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = write_images(tmp_path / "train", per_class=3)
+    good_png = (root / "cat" / "000.png").read_bytes()
+    (root / "cat" / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(jpeg, format="JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(jpeg.getvalue()[:-200])
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "fox" / "notes.txt").write_text("not an image")
+    (root / "fox" / "fake.png").write_text("not a png")
+    with caplog.at_level(logging.WARNING):
+        images = scan_image_folder(root)
+    assert len(images.paths) == 9 and images.classes == ["cat", "dog", "fox"]
+    assert sorted(images.skipped) == sorted(
+        ["cat/truncated.png", "dog/truncated.jpg", "dog/.DS_Store", "fox/notes.txt", "fox/fake.png"]
+    )
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "dog/.DS_Store" in warnings[0].getMessage()
+
+
+def test_missing_data_dir_says_how_to_get_data(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="dvc pull"):
+        scan_image_folder(tmp_path / "nope")
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    root = write_images(tmp_path / "train", per_class=3)
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match="empty has no readable images"):
+        scan_image_folder(root)
+
+
+def test_class_with_fewer_images_than_folds_is_an_error(tmp_path: Path) -> None:
+    root = write_images(tmp_path / "train", per_class=3)
+    dm = FoldDataModule(str(root), fold=0, n_folds=5, image_size=32, num_workers=0)
+    with pytest.raises(UserError, match="at least n_folds=5"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("fold", [-1, 5, 9])
+def test_fold_outside_range_is_an_error(tmp_path: Path, fold: int) -> None:
+    with pytest.raises(UserError, match=r"outside \[0, 5\)"):
+        FoldDataModule(str(tmp_path), fold=fold, n_folds=5)
+
+
+def test_sample_digits_are_byte_identical_and_never_mix_with_other_data(tmp_path: Path) -> None:
+    counts = write_digits(tmp_path / "a")
+    write_digits(tmp_path / "b")
+    assert counts == {"train": 1437, "test": 360}
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+    assert len(list((tmp_path / "a" / "train").iterdir())) == 10
+    write_digits(tmp_path / "a")  # rewriting the sample over itself is fine
+    (tmp_path / "a" / "train" / "3" / "mine.png").write_bytes(b"user data")
+    with pytest.raises(UserError, match="not the sample digits"):
+        write_digits(tmp_path / "a")
+    assert (tmp_path / "a" / "train" / "3" / "mine.png").read_bytes() == b"user data"
