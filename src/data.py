@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from src.errors import UserError
@@ -216,6 +216,7 @@ class FoldDataModule(L.LightningDataModule):
         hflip: bool = True,
         batch_size: int = 32,
         num_workers: int | str = "auto",
+        features: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(fold, int) or not 0 <= fold < n_folds:
@@ -227,6 +228,8 @@ class FoldDataModule(L.LightningDataModule):
         self.eval_transform = build_transform(image_size)
         self.images: ImageFolder | None = None
         self.folds: np.ndarray | None = None
+        # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
+        self.features = features
 
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:
@@ -251,8 +254,10 @@ class FoldDataModule(L.LightningDataModule):
             for p, t, f in zip(self.images.paths, self.images.targets, self.folds, strict=True)
         ]
 
-    def _dataset(self, train: bool) -> ImageDataset:
+    def _dataset(self, train: bool) -> Dataset:
         idx = self.indices(train)
+        if self.features is not None:
+            return TensorDataset(self.features[idx], torch.from_numpy(self.images.targets[idx]))
         return ImageDataset(
             self.train_dir,
             [self.images.paths[i] for i in idx],
@@ -260,11 +265,16 @@ class FoldDataModule(L.LightningDataModule):
             self.train_transform if train else self.eval_transform,
         )
 
+    @property
+    def loader_workers(self) -> int:
+        """In-memory features need no worker processes; they would only copy tensors between processes."""
+        return 0 if self.features is not None else self.num_workers
+
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(True), self.batch_size, self.num_workers, shuffle=True)
+        return make_loader(self._dataset(True), self.batch_size, self.loader_workers, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(False), self.batch_size, self.num_workers)
+        return make_loader(self._dataset(False), self.batch_size, self.loader_workers)
 
 
 def dvc_data_version(train_dir: str | Path, dvc_file: str | Path = "data.dvc") -> dict[str, str]:

@@ -241,6 +241,19 @@ class ImageClassifier(L.LightningModule):
         return native_state_dict(self.backbone, self.head, self.head_attr)
 
 
+class ChannelsLast(L.Callback):
+    """Store the convolution weights channels-last (NHWC), the layout tensor cores read without transposes
+    under mixed precision (`trainer=gpu`).
+
+    Converting the module is enough: cuDNN (and oneDNN on CPU) runs a convolution channels-last when its
+    weight is, so image batches switch layout in the first layer, and cached (N, D) features are untouched.
+    Checkpoints and exported files stay loadable either way: `load_state_dict` copies into any layout.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained network (eval mode) and its metadata from an exported `.pth` or a Lightning `.ckpt`."""
     path = Path(path)

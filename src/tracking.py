@@ -9,6 +9,7 @@ the folds came from one sweep or from separate commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -33,20 +34,39 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "run_type"  # cv_parent | fold | test
 CHAMPION = "champion"
 # Keys that say where or how a run is logged, not what is trained.
-NOT_IDENTITY = ("fold", "paths", "logger", "callbacks", "model_dir", "data.num_workers", "resume", "ckpt_path")
-NOT_IN_NAME = ("fold", "experiment", "logger", "data.train_dir", "data.test_dir", "hydra", "trainer", "callbacks")
+NOT_IDENTITY = (
+    "fold",
+    "paths",
+    "logger",
+    "callbacks",
+    "model_dir",
+    "feature_cache_dir",
+    "data.num_workers",
+    "resume",
+    "ckpt_path",
+)
+# Keys left out of a parent's name: the above, paths to data, and settings that name no hyper-parameter.
+NOT_IN_NAME = (*NOT_IDENTITY, "experiment", "data.train_dir", "data.test_dir", "hydra", "trainer")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db as an absolute path (Hydra's output folders
+    must not each get a store of their own)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def tracking_uri(cfg: DictConfig) -> str:
-    """`logger.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (absolute)."""
-    uri = OmegaConf.select(cfg, "logger.tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """`logger.tracking_uri`, else the default above."""
+    return OmegaConf.select(cfg, "logger.tracking_uri") or default_tracking_uri()
 
 
+@functools.cache
 def _client(uri: str) -> Any:
+    """One client per store. Creating it creates a new sqlite store's tables, so parallel jobs take turns."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def check_reachable(uri: str) -> None:
@@ -111,14 +131,14 @@ def _task_overrides() -> list[str]:
 
 def parent_name(cfg: DictConfig) -> str:
     """`resnet18 lr=0.001`: the backbone plus what the command line changed, fold and paths left out."""
-    parts = [str(cfg.model.name)]
+    parts = []
     for override in _task_overrides():
         key, _, raw = override.lstrip("+~").partition("=")
         if any(key == x or key.startswith(f"{x}.") or key.startswith(f"{x}/") for x in NOT_IN_NAME):
             continue
         value = OmegaConf.select(cfg, key, default=raw)
         parts.append(f"{key}={raw if isinstance(value, DictConfig) else value}")
-    return " ".join(parts)
+    return " ".join([str(cfg.model.name), *sorted(parts)])
 
 
 def _git_tags() -> dict[str, str]:
@@ -229,9 +249,12 @@ class FoldRun:
         mlflow.set_registry_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
             info = log_pytorch_model(result, self.cfg)
-        registry = self.cfg.logger.get("registry", {})
+        client.set_tag(self.run_id, "model_file", str(Path(result["model_file"]).resolve()))
+        registry = self.cfg.logger.get("registry") or {}
         if registry.get("enabled", True):
-            version = self._register(info.model_uri, registry.get("name") or f"{self.cfg.model.name}_classifier", best)
+            name = registry.get("name") or f"{self.cfg.model.name}_classifier"
+            version = self._register(info.model_uri, name, best)
+            client.set_tag(self.run_id, "registered_model", f"models:/{name}/{version}")
         client.set_terminated(self.run_id, "FINISHED")
         update_cv_summary(self.uri, self.parent_id)
         log.info(
@@ -325,14 +348,15 @@ def update_cv_summary(uri: str, parent_id: str) -> dict[str, Any]:
 
 def start_fold_run(cfg: DictConfig, fold: int) -> FoldRun:
     """Create the fold's child run under its configuration's parent (creating the parent if needed)."""
+    from src.data import dvc_data_version
+
     uri = tracking_uri(cfg)
     check_reachable(uri)
     client = _client(uri)
-    experiment_id = _experiment_id(client, cfg.logger.experiment_name)
     digest = config_hash(cfg)
-    with store_lock(uri):
+    with store_lock(uri):  # also serialises the creation of a new sqlite store's tables
+        experiment_id = _experiment_id(client, cfg.logger.experiment_name)
         parent_id = _parent_run(client, experiment_id, cfg, digest)
-    from src.data import dvc_data_version
 
     tags = {
         PARENT_TAG: parent_id,
@@ -426,7 +450,8 @@ def log_test_run(
 
     uri = tracking_uri(cfg)
     client = _client(uri)
-    experiment_id = _experiment_id(client, cfg.logger.experiment_name)
+    with store_lock(uri):
+        experiment_id = _experiment_id(client, cfg.logger.experiment_name)
     tags = {
         RUN_TYPE_TAG: "test",
         "ckpt": ref,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from src import evaluation, tracking
 from src.data import FoldDataModule
 from src.errors import UserError
+from src.features import attach_cached_features
 from src.model import ImageClassifier, save_model_file
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg, fold)
     datamodule.setup()
     model = build_model(cfg, datamodule.classes)
+    attach_cached_features(cfg, model, datamodule)  # frozen backbone: train the head on cached features (#5)
     trainable, total = model.parameter_counts()
     log.info(
         "%s, %d classes, fold %d of %d: training %s of %s parameters (backbone %s)",
@@ -107,7 +109,7 @@ def train(cfg: DictConfig) -> float:
             default_root_dir=out_dir,
         )
         trainer.fit(model, datamodule=datamodule)
-        result = finish_fold(cfg, fold, trainer, model, datamodule, history, out_dir)
+        result = finish_fold(cfg, fold, trainer, model, datamodule, history, out_dir, run.run_id if run else None)
         if run:
             run.finish(result)
     log.info("best_val_accuracy=%.4f (fold %d) -> %s", result["best_val_accuracy"], fold, result["model_file"])
@@ -123,6 +125,7 @@ def finish_fold(
     datamodule: FoldDataModule,
     history: EpochHistory,
     out_dir: Path,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Reload the best checkpoint; write the exported model, history, curves, split and validation report."""
     checkpoint = trainer.checkpoint_callback
@@ -147,6 +150,8 @@ def finish_fold(
     (out_dir / "val_classification_report.txt").write_text(report_text)
     files["report"] = out_dir / "val_classification_report.txt"
     meta = {**model.model_meta(), "fold": fold, "best_val_accuracy": float(checkpoint.best_model_score)}
+    if run_id:
+        meta["mlflow_run_id"] = run_id
     exported = save_model_file(model_file(cfg, fold), model.native_state_dict(), meta)
     return {
         "best_val_accuracy": float(checkpoint.best_model_score),

@@ -70,6 +70,7 @@ def tiny_overrides(image_root: Path, tmp_path: Path) -> list[str]:
         f"data.train_dir={image_root / 'train'}",
         f"data.test_dir={image_root / 'test'}",
         f"model_dir={tmp_path}/models",
+        f"feature_cache_dir={tmp_path}/feature-cache",
         f"hydra.run.dir={tmp_path}/outputs",
         f"hydra.sweep.dir={tmp_path}/multirun",
     ]

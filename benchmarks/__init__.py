@@ -1,0 +1,1 @@
+"""Speed benchmarks: `python benchmarks/run.py` (CPU, everything) and `python benchmarks/gpu_check.py` (GPU)."""

@@ -1,0 +1,317 @@
+"""MLflow against real stores: nested fold runs, CV summary, artifacts, registry, test runs,
+faults, parallel jobs, a real `mlflow server`, and the leaderboard."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from src.leaderboard import collect, render
+from tests.conftest import run_cli, tiny_overrides
+from tests.helpers import free_port, mlflow_server
+
+EXPERIMENT = "pytorch-classification"
+
+
+def runs_by_type(client: MlflowClient, run_type: str) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("run_type") == run_type]
+
+
+def children_of(client: MlflowClient, parent_id: str) -> list:
+    return [r for r in runs_by_type(client, "fold") if r.data.tags["mlflow.parentRunId"] == parent_id]
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def train(image_root: Path, tmp_path: Path, uri: str, *overrides: str, sweep: bool = False):
+    args = ["-m"] if sweep else []
+    result = run_cli("train.py", *args, *tiny_overrides(image_root, tmp_path), f"logger.tracking_uri={uri}", *overrides)
+    return result
+
+
+@pytest.fixture(scope="module")
+def sweep_store(image_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A 2-fold x 2-lr sweep, 2 epochs each, logged to a fresh sqlite store."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = train(image_root, tmp, uri, "fold=0,1", "lr=1e-3,1e-4", "epochs=2", sweep=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return uri, tmp
+
+
+def test_each_configuration_is_one_parent_with_its_folds_nested(sweep_store: tuple[str, Path]) -> None:
+    client = MlflowClient(sweep_store[0])
+    parents = runs_by_type(client, "cv_parent")
+    assert sorted(p.info.run_name for p in parents) == ["resnet18 epochs=2 lr=0.0001", "resnet18 epochs=2 lr=0.001"]
+    for parent in parents:
+        assert "fold" not in parent.data.params and parent.data.params["model.name"] == "resnet18"
+        children = children_of(client, parent.info.run_id)
+        assert sorted(c.data.tags["fold"] for c in children) == ["0", "1"]
+        for child in children:
+            assert child.info.status == "FINISHED"
+            assert child.info.run_name == f"{parent.info.run_name} fold={child.data.tags['fold']}"
+            params = child.data.params
+            for key in (
+                "fold",
+                "model.name",
+                "model.freeze_backbone",
+                "model.weights",
+                "lr",
+                "batch_size",
+                "epochs",
+                "optimizer._target_",
+                "n_folds",
+                "split_seed",
+                "seed",
+                "data.image_size",
+            ):
+                assert key in params, key
+            assert params["lr"] == parent.data.params["lr"]
+            tags = child.data.tags
+            assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+            assert Path(tags["hydra_output_dir"]).is_dir() and tags["config_hash"] == parent.data.tags["config_hash"]
+
+
+def test_parent_summarises_cross_validation(sweep_store: tuple[str, Path]) -> None:
+    client = MlflowClient(sweep_store[0])
+    for parent in runs_by_type(client, "cv_parent"):
+        scores = {
+            int(c.data.tags["fold"]): c.data.metrics["best_val_accuracy"]
+            for c in children_of(client, parent.info.run_id)
+        }
+        m = parent.data.metrics
+        assert m["folds_done"] == 2
+        assert m["cv_mean_val_accuracy"] == pytest.approx(statistics.fmean(scores.values()))
+        assert m["cv_std_val_accuracy"] == pytest.approx(statistics.pstdev(scores.values()))
+        assert scores[int(m["best_fold"])] == max(scores.values())
+        assert m["fold_0_best_val_accuracy"] == pytest.approx(scores[0])
+
+
+def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path]) -> None:
+    client = MlflowClient(sweep_store[0])
+    child = runs_by_type(client, "fold")[0]
+    for metric in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_f1", "lr"):
+        assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [0, 1], metric
+    best = max(m.value for m in client.get_metric_history(child.info.run_id, "val_accuracy"))
+    assert child.data.metrics["best_val_accuracy"] == pytest.approx(best)
+    artifacts = all_artifacts(client, child.info.run_id)
+    fold = child.data.tags["fold"]
+    expected = {
+        "config/config.yaml",
+        "config/overrides.yaml",
+        "config/hydra.yaml",
+        "reports/split.csv",
+        "reports/history.csv",
+        "reports/curves_loss.png",
+        "reports/curves_accuracy.png",
+        "reports/val_confusion_matrix.png",
+        "reports/val_classification_report.txt",
+        f"exported/cnn_resnet18_freeze_backbone_True_fold_{fold}.pth",
+    }
+    assert expected <= artifacts, expected - artifacts
+    models = client.search_logged_models(
+        [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
+    )
+    assert len(models) == 1 and models[0].name == "model"
+
+
+def test_registry_versions_and_champion_alias(sweep_store: tuple[str, Path]) -> None:
+    client = MlflowClient(sweep_store[0], registry_uri=sweep_store[0])
+    versions = client.search_model_versions("name = 'resnet18_classifier'")
+    assert len(versions) == 4
+    fold_runs = {r.info.run_id: r for r in runs_by_type(client, "fold")}
+    for v in versions:
+        assert v.tags["run_id"] in fold_runs and v.run_id == v.tags["run_id"]
+        assert float(v.tags["best_val_accuracy"]) == pytest.approx(
+            fold_runs[v.run_id].data.metrics["best_val_accuracy"]
+        )
+        assert v.tags["fold"] == fold_runs[v.run_id].data.tags["fold"]
+        assert not v.current_stage or v.current_stage == "None"
+    champion = client.get_model_version_by_alias("resnet18_classifier", "champion")
+    top = max(float(v.tags["best_val_accuracy"]) for v in versions)
+    assert float(champion.tags["best_val_accuracy"]) == pytest.approx(top)
+    first_best = min(int(v.version) for v in versions if float(v.tags["best_val_accuracy"]) == top)
+    assert int(champion.version) == first_best  # moves only when beaten, not on ties
+
+
+def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[str, Path], image_root: Path) -> None:
+    uri, tmp = sweep_store
+    out = tmp / "test-run"
+    result = run_cli(
+        "test.py",
+        "ckpt=models:/resnet18_classifier@champion",
+        f"logger.tracking_uri={uri}",
+        f"data.test_dir={image_root / 'test'}",
+        f"hydra.run.dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("resnet18_classifier", "champion")
+    (test_run,) = runs_by_type(client, "test")
+    tags = test_run.data.tags
+    assert tags["training_run_id"] == champion.run_id and tags["model_version"] == str(champion.version)
+    assert tags["model_name"] == "resnet18_classifier"
+    assert {"test_accuracy", "test_loss", "test_f1"} <= test_run.data.metrics.keys()
+    assert {
+        "reports/test_predictions.csv",
+        "reports/test_confusion_matrix.png",
+        "reports/test_classification_report.txt",
+    } <= all_artifacts(client, test_run.info.run_id)
+    version = run_cli(
+        "test.py",
+        f"ckpt=models:/resnet18_classifier/{champion.version}",
+        "logger=none",
+        f"data.test_dir={image_root / 'test'}",
+        f"hydra.run.dir={tmp / 'test-run-2'}",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert version.returncode == 0, version.stderr[-3000:]
+    assert (tmp / "test-run-2" / "test_metrics.json").read_text() == (out / "test_metrics.json").read_text().replace(
+        "models:/resnet18_classifier@champion", f"models:/resnet18_classifier/{champion.version}"
+    )
+
+
+def test_a_rerun_fold_joins_its_parent_and_replaces_the_fold(sweep_store: tuple[str, Path], image_root: Path) -> None:
+    uri, tmp = sweep_store
+    result = train(image_root, tmp / "rerun", uri, "fold=0", "lr=1e-3", "epochs=2", "seed=7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    parents = runs_by_type(client, "cv_parent")
+    assert len(parents) == 3  # seed is part of the configuration: a new parent
+    result = train(image_root, tmp / "rerun2", uri, "fold=0", "lr=1e-3", "epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,) = [p for p in runs_by_type(client, "cv_parent") if p.info.run_name == "resnet18 epochs=2 lr=0.001"]
+    children = sorted(children_of(client, parent.info.run_id), key=lambda r: r.info.end_time)
+    assert len(children) == 3 and children[-1].data.tags["fold"] == "0"
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.metrics["folds_done"] == 2
+    assert parent.data.metrics["fold_0_best_val_accuracy"] == pytest.approx(
+        children[-1].data.metrics["best_val_accuracy"]
+    )
+
+
+def test_leaderboard_ranks_runs_and_recommends_a_model(sweep_store: tuple[str, Path]) -> None:
+    folds, configs = collect(sweep_store[0], EXPERIMENT)
+    scores = [row["best_val_accuracy"] for row in folds]
+    assert scores == sorted(scores, reverse=True) and len(folds) >= 4
+    assert [c["cv_mean_val_accuracy"] for c in configs] == sorted(
+        (c["cv_mean_val_accuracy"] for c in configs), reverse=True
+    )
+    csv_text = render(folds, configs, "csv", 20)
+    assert csv_text.splitlines()[0].startswith("run_id,config,fold,best_val_accuracy")
+    markdown = render(folds, configs, "markdown", 20)
+    assert "| run_id |" in markdown and "Recommended model: " in markdown and folds[0]["run_id"] in markdown
+    assert "models:/resnet18_classifier/" in render(folds, configs, "table", 20)
+
+
+def test_a_crash_fails_its_fold_and_the_sweep_goes_on(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(
+        image_root,
+        tmp_path,
+        uri,
+        "fold=0,1",
+        "epochs=2",
+        "+callbacks.crash._target_=tests.helpers.CrashAfterFirstEpoch",
+        "+callbacks.crash.fold=${fold}",
+        sweep=True,
+    )
+    assert result.returncode != 0 and "injected crash" in result.stderr
+    client = MlflowClient(uri)
+    status = {r.data.tags["fold"]: r.info.status for r in runs_by_type(client, "fold")}
+    assert status == {"0": "FAILED", "1": "FINISHED"}
+    (parent,) = runs_by_type(client, "cv_parent")
+    assert parent.data.metrics["folds_done"] == 1 and parent.data.metrics["best_fold"] == 1
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_fold_leaves_it_killed(image_root: Path, tmp_path: Path, signum: str) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(
+        image_root,
+        tmp_path,
+        uri,
+        "fold=0",
+        "epochs=3",
+        "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch",
+        f"+callbacks.stop.signum={signum}",
+    )
+    assert result.returncode != 0
+    client = MlflowClient(uri)
+    (run,) = runs_by_type(client, "fold")
+    assert run.info.status == "KILLED"
+    (parent,) = runs_by_type(client, "cv_parent")
+    assert "folds_done" not in parent.data.metrics
+
+
+def test_parallel_jobs_share_one_parent_in_sqlite(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(
+        image_root,
+        tmp_path,
+        uri,
+        "fold=0,1",
+        "epochs=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        sweep=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = runs_by_type(client, "cv_parent")
+    children = children_of(client, parent.info.run_id)
+    assert sorted(c.data.tags["fold"] for c in children) == ["0", "1"]
+    for child in children:
+        assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+    assert client.get_run(parent.info.run_id).data.metrics["folds_done"] == 2
+
+
+def test_tracking_server_with_proxied_artifacts_and_parallel_jobs(image_root: Path, tmp_path: Path) -> None:
+    with mlflow_server(tmp_path) as uri:
+        result = train(
+            image_root,
+            tmp_path,
+            uri,
+            "fold=0,1",
+            "epochs=1",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            sweep=True,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(uri, registry_uri=uri)
+        (parent,) = runs_by_type(client, "cv_parent")
+        children = children_of(client, parent.info.run_id)
+        assert len(children) == 2 and client.get_run(parent.info.run_id).data.metrics["folds_done"] == 2
+        for child in children:
+            assert child.info.artifact_uri.startswith("mlflow-artifacts:/")
+            assert "reports/history.csv" in all_artifacts(client, child.info.run_id)
+        assert list((tmp_path / "mlartifacts").rglob("history.csv"))  # stored by the server, not the client
+        tested = run_cli(
+            "test.py",
+            "ckpt=models:/resnet18_classifier@champion",
+            f"logger.tracking_uri={uri}",
+            f"data.test_dir={image_root / 'test'}",
+            f"hydra.run.dir={tmp_path / 'test'}",
+        )
+        assert tested.returncode == 0, tested.stderr[-3000:]
+        assert len(runs_by_type(client, "test")) == 1
+
+
+def test_a_server_that_is_down_fails_before_training(image_root: Path, tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = train(image_root, tmp_path, f"http://127.0.0.1:{free_port()}", "fold=0")
+    assert result.returncode == 2 and "not reachable" in result.stderr and "mlflow server" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "outputs" / "checkpoints").exists()
+    assert time.monotonic() - start < 60
