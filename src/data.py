@@ -229,7 +229,7 @@ class FoldDataModule(L.LightningDataModule):
         self.images: ImageFolder | None = None
         self.folds: np.ndarray | None = None
         # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
-        self.features = features
+        self.features: torch.Tensor | None = features
 
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:

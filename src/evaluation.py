@@ -137,3 +137,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    """A numeric CSV (such as history.csv) back as rows of floats; empty cells become None."""
+    with Path(path).open(newline="") as f:
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import UserError
@@ -121,6 +122,15 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
 
 def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sweep_dir() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(Path(HydraConfig.get().sweep.dir).resolve())
+    return None
 
 
 def _task_overrides() -> list[str]:
@@ -357,6 +367,9 @@ def start_fold_run(cfg: DictConfig, fold: int) -> FoldRun:
     with store_lock(uri):  # also serialises the creation of a new sqlite store's tables
         experiment_id = _experiment_id(client, cfg.logger.experiment_name)
         parent_id = _parent_run(client, experiment_id, cfg, digest)
+    sweep_dir = _sweep_dir()
+    if sweep_dir:
+        client.set_tag(parent_id, "hydra_sweep_dir", sweep_dir)
 
     tags = {
         PARENT_TAG: parent_id,
@@ -374,6 +387,43 @@ def start_fold_run(cfg: DictConfig, fold: int) -> FoldRun:
     }
     _log_params(client, run.info.run_id, _flat_params(cfg, params))
     return FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id)
+
+
+def _fold_runs(cfg: DictConfig, extra_filter: str) -> list[Any]:
+    client = _client(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{RUN_TYPE_TAG} = 'fold' and tags.config_hash = '{config_hash(cfg)}' and {extra_filter}",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+
+
+def find_interrupted_fold(cfg: DictConfig, fold: int) -> tuple[str | None, str | None]:
+    """(run id, output folder) of this configuration's latest run of `fold`, if that run did not finish."""
+    runs = _fold_runs(cfg, f"tags.fold = '{fold}'")
+    if not runs or runs[0].info.status == "FINISHED":
+        return None, None
+    return runs[0].info.run_id, runs[0].data.tags.get("hydra_output_dir")
+
+
+def unfinished_run_in(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The unfinished fold run of this configuration that wrote to `output_dir`, if any."""
+    runs = _fold_runs(cfg, f"tags.hydra_output_dir = '{Path(output_dir).resolve()}'")
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+def reopen_fold_run(cfg: DictConfig, fold: int, run_id: str) -> FoldRun:
+    """Mark an interrupted fold run RUNNING again, to continue logging into it."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = _client(uri)
+    run = client.get_run(run_id)
+    client.update_run(run_id, status="RUNNING")
+    return FoldRun(uri, cfg, fold, run.info.experiment_id, run.data.tags[PARENT_TAG], run_id)
 
 
 @contextlib.contextmanager
@@ -471,3 +521,37 @@ def log_test_run(
         client.log_artifact(run_id, str(path), "reports")
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+class TagBestTrial(Callback):
+    """Hydra callback for hyper-parameter searches: after the sweep, tag and print its best parent run."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("logger"):
+            return
+        uri = tracking_uri(config)
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(config.logger.experiment_name)
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        parents = (
+            client.search_runs(
+                [experiment.experiment_id] if experiment else [],
+                filter_string=f"tags.{RUN_TYPE_TAG} = 'cv_parent' and tags.hydra_sweep_dir = '{sweep_dir}'",
+                max_results=10000,
+            )
+            if experiment
+            else []
+        )
+        scored = [p for p in parents if "cv_mean_val_accuracy" in p.data.metrics]
+        if not scored:
+            return
+        best = max(scored, key=lambda p: p.data.metrics["cv_mean_val_accuracy"])
+        for parent in scored:
+            client.set_tag(parent.info.run_id, "best_trial", str(parent is best).lower())
+        m = best.data.metrics
+        message = (
+            f"Best trial: {best.info.run_name} (MLflow parent run {best.info.run_id}): "
+            f"cv_mean_val_accuracy {m['cv_mean_val_accuracy']:.4f} ± {m.get('cv_std_val_accuracy', 0.0):.4f}"
+        )
+        log.info(message)
+        print(message)

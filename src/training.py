@@ -4,7 +4,9 @@ fit one fold, export its best model and reports, and return `best_val_accuracy`.
 
 from __future__ import annotations
 
+import copy
 import logging
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from src import evaluation, tracking
 from src.data import FoldDataModule
@@ -31,14 +33,26 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class EpochHistory(L.Callback):
-    """Collects one row of epoch-level metrics per training epoch (for the CSV and the curves)."""
+    """One row of epoch-level metrics per epoch, rewritten to `history.csv` after every epoch.
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+    The file (not process memory) is the record: it survives ddp_spawn workers, and the rows
+    travel in checkpoints so a resumed fold continues its history.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows = Path(path), []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
         self.rows.append({"epoch": trainer.current_epoch, **metrics, "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+        if trainer.is_global_zero:
+            evaluation.write_csv(self.rows, self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
 
 
 def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
@@ -77,9 +91,78 @@ def model_file(cfg: DictConfig, fold: int) -> Path:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train fold `cfg.fold` and return its best validation accuracy."""
-    fold = cfg.fold
-    out_dir = Path(cfg.paths.output_dir)
+    """Train `cfg.fold` and return its best_val_accuracy; `fold=all` trains every fold and returns the CV mean."""
+    if cfg.fold == "all":
+        return train_all_folds(cfg)
+    if not isinstance(cfg.fold, int):
+        raise UserError(f"fold={cfg.fold} must be an integer in [0, {cfg.n_folds}) or `all`")
+    return train_fold(cfg)
+
+
+def train_all_folds(cfg: DictConfig) -> float:
+    """Every fold in this job, each in `<output_dir>/fold_<k>/` and its own MLflow child run."""
+    base = Path(cfg.paths.output_dir)
+    scores = []
+    for fold in range(cfg.n_folds):
+        fold_cfg = copy.deepcopy(cfg)
+        with open_dict(fold_cfg):
+            fold_cfg.fold = fold
+            fold_cfg.paths.output_dir = str(base / f"fold_{fold}")
+        scores.append(train_fold(fold_cfg))
+    mean, std = statistics.fmean(scores), statistics.pstdev(scores)
+    log.info("cv_mean_val_accuracy=%.4f ± %.4f over %d folds", mean, std, len(scores))
+    print(f"cv_mean_val_accuracy: {mean:.4f}")
+    return mean
+
+
+def _strategy_for(cfg: DictConfig) -> dict[str, Any]:
+    """`ddp` re-runs the command line in each new process, which restarts a whole Hydra sweep
+    (Lightning #11300); inside `-m`, the same DDP runs as `ddp_spawn`, which forks instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    trainer_cfg = dict(cfg.trainer)
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and str(trainer_cfg.get("strategy", "")).startswith("ddp") and trainer_cfg["strategy"] != "ddp_spawn":
+        log.info("trainer.strategy=%s inside a Hydra sweep: running it as ddp_spawn", trainer_cfg["strategy"])
+        trainer_cfg["strategy"] = "ddp_spawn"
+    return trainer_cfg
+
+
+def _resume_point(cfg: DictConfig, fold: int) -> tuple[str | None, str | None, str | None]:
+    """(checkpoint, MLflow run id, output folder) to continue, for `resume=true` or `ckpt_path=`.
+
+    Every DDP process asks, so all of them start from the same checkpoint.
+    """
+    if cfg.ckpt_path:
+        ckpt = Path(cfg.ckpt_path)
+        if not ckpt.is_file():
+            raise UserError(f"ckpt_path={ckpt} does not exist; pass <run folder>/checkpoints/last.ckpt")
+        out_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+        run_id = tracking.unfinished_run_in(cfg, out_dir) if cfg.logger and out_dir else None
+        return str(ckpt), run_id, str(out_dir) if out_dir else None
+    if not cfg.logger:
+        raise UserError(
+            "resume=true finds the interrupted fold in MLflow; with logger=none pass "
+            "ckpt_path=<run folder>/checkpoints/last.ckpt instead"
+        )
+    run_id, out_dir = tracking.find_interrupted_fold(cfg, fold)
+    ckpt = Path(out_dir) / "checkpoints" / "last.ckpt" if out_dir else None
+    if ckpt is None or not ckpt.is_file():
+        log.info("resume=true: no interrupted run of fold %d with a last.ckpt; training it afresh", fold)
+        return None, None, None
+    log.info("resume=true: continuing MLflow run %s from %s", run_id, ckpt)
+    return str(ckpt), run_id, out_dir
+
+
+def train_fold(cfg: DictConfig) -> float:
+    """Train fold `cfg.fold` and return its best validation accuracy.
+
+    Under DDP every process runs this; only global rank 0 creates the MLflow run, exports and reports.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    fold, rank_zero = cfg.fold, rank_zero_only.rank == 0
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, fold)
     datamodule.setup()
@@ -96,20 +179,32 @@ def train(cfg: DictConfig) -> float:
         f"{total:,}",
         "frozen" if cfg.model.freeze_backbone else "trained",
     )
-    run = tracking.start_fold_run(cfg, fold) if cfg.logger else None
+    resume_from = run_id = None
+    if cfg.resume or cfg.ckpt_path:
+        resume_from, run_id, prior_dir = _resume_point(cfg, fold)
+        if prior_dir:  # keep writing into the interrupted fold's folder
+            cfg = copy.deepcopy(cfg)
+            with open_dict(cfg):
+                cfg.paths.output_dir = prior_dir
+    run = None
+    if rank_zero and cfg.logger:
+        run = tracking.reopen_fold_run(cfg, fold, run_id) if run_id else tracking.start_fold_run(cfg, fold)
+    out_dir = Path(cfg.paths.output_dir)
     with tracking.fold_guard(run):
-        history = EpochHistory()
+        history = EpochHistory(out_dir / "history.csv")
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [history]
         trainer = L.Trainer(
-            **cfg.trainer,
+            **_strategy_for(cfg),
             max_epochs=cfg.epochs,
             deterministic=cfg.deterministic,
             logger=run.lightning_logger() if run else False,
             callbacks=callbacks,
             default_root_dir=out_dir,
         )
-        trainer.fit(model, datamodule=datamodule)
-        result = finish_fold(cfg, fold, trainer, model, datamodule, history, out_dir, run.run_id if run else None)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        if not trainer.is_global_zero:
+            return float(trainer.checkpoint_callback.best_model_score or 0.0)
+        result = finish_fold(cfg, fold, trainer, model, datamodule, out_dir, run.run_id if run else None)
         if run:
             run.finish(result)
     log.info("best_val_accuracy=%.4f (fold %d) -> %s", result["best_val_accuracy"], fold, result["model_file"])
@@ -123,7 +218,6 @@ def finish_fold(
     trainer: L.Trainer,
     model: ImageClassifier,
     datamodule: FoldDataModule,
-    history: EpochHistory,
     out_dir: Path,
     run_id: str | None = None,
 ) -> dict[str, Any]:
@@ -138,23 +232,31 @@ def finish_fold(
     classes = datamodule.classes
     val = evaluation.summary_metrics(pred, len(classes))
     report_text, report = evaluation.class_report(pred, classes)
+    history = evaluation.read_csv(out_dir / "history.csv")
     files = {
         "split": evaluation.write_csv(datamodule.split_rows(), out_dir / "split.csv"),
-        "history": evaluation.write_csv(history.rows, out_dir / "history.csv"),
+        "history": out_dir / "history.csv",
         "confusion_matrix": evaluation.plot_confusion_matrix(
             pred, classes, out_dir / "val_confusion_matrix.png", f"{cfg.model.name} fold {fold} (validation)"
         ),
     }
-    for path in evaluation.plot_curves(history.rows, out_dir / "curves"):
+    for path in evaluation.plot_curves(history, out_dir / "curves"):
         files[path.stem] = path
     (out_dir / "val_classification_report.txt").write_text(report_text)
     files["report"] = out_dir / "val_classification_report.txt"
-    meta = {**model.model_meta(), "fold": fold, "best_val_accuracy": float(checkpoint.best_model_score)}
+    # ddp_spawn brings the best path back to this process but not its score; the history has it.
+    score = checkpoint.best_model_score
+    best = (
+        float(score)
+        if score is not None
+        else max(r["val_accuracy"] for r in history if r.get("val_accuracy") is not None)
+    )
+    meta = {**model.model_meta(), "fold": fold, "best_val_accuracy": best}
     if run_id:
         meta["mlflow_run_id"] = run_id
     exported = save_model_file(model_file(cfg, fold), model.native_state_dict(), meta)
     return {
-        "best_val_accuracy": float(checkpoint.best_model_score),
+        "best_val_accuracy": best,
         "val_metrics": val,
         "val_report": report,
         "model_file": exported,

@@ -28,14 +28,16 @@ class CrashAfterFirstEpoch(L.Callback):
 
 
 class SignalAfterFirstEpoch(L.Callback):
-    """Sends this process `signum` after the first epoch, as Ctrl-C (SIGINT) or a scheduler (SIGTERM) would."""
+    """Sends this process `signum` once the first epoch (and its checkpoint) is done, as Ctrl-C (SIGINT)
+    or a scheduler (SIGTERM) would."""
 
     def __init__(self, signum: str = "SIGTERM") -> None:
         self.signum = getattr(signal, signum)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        os.kill(os.getpid(), self.signum)
-        time.sleep(5)  # the signal arrives while the fold is still running
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            os.kill(os.getpid(), self.signum)
+            time.sleep(5)  # the signal arrives while the fold is still running
 
 
 def free_port() -> int:

@@ -1,0 +1,118 @@
+"""Scaling out: DDP on two CPU processes, DDP inside a sweep, the SLURM launcher config, fold=all,
+Optuna over the CV mean, and resuming an interrupted fold."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import run_cli, tiny_overrides
+from tests.test_tracking import children_of, runs_by_type, train
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def test_ddp_on_two_cpu_processes_logs_once_and_exports_the_usual_model(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(image_root, tmp_path, uri, "fold=0", "epochs=2", *DDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = runs_by_type(client, "fold")  # rank 1 created no run of its own
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1]
+    saved = torch.load(tmp_path / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth", weights_only=True)
+    single = run_cli("train.py", *tiny_overrides(image_root, tmp_path / "single"), "fold=0", "logger=none")
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = torch.load(
+        tmp_path / "single" / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth", weights_only=True
+    )
+    assert saved.keys() - {"mlflow_run_id"} == reference.keys()
+    assert saved["state_dict"].keys() == reference["state_dict"].keys()
+    assert saved["mlflow_run_id"] == run.info.run_id
+
+
+def test_ddp_inside_a_sweep_runs_as_ddp_spawn(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(image_root, tmp_path, uri, "fold=0,1", *DDP, sweep=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running it as ddp_spawn" in result.stdout + result.stderr
+    client = MlflowClient(uri)
+    (parent,) = runs_by_type(client, "cv_parent")
+    assert sorted(c.data.tags["fold"] for c in children_of(client, parent.info.run_id)) == ["0", "1"]
+
+
+def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+    result = run_cli("train.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240
+
+
+def test_fold_all_trains_every_fold_as_children_and_returns_the_cv_mean(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(image_root, tmp_path, uri, "fold=all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = runs_by_type(client, "cv_parent")
+    assert len(children_of(client, parent.info.run_id)) == 2
+    printed = float(result.stdout.split("cv_mean_val_accuracy: ")[1].split()[0])
+    assert abs(printed - client.get_run(parent.info.run_id).data.metrics["cv_mean_val_accuracy"]) < 1e-4
+    assert (tmp_path / "outputs" / "fold_0" / "history.csv").is_file()
+    assert (tmp_path / "outputs" / "fold_1" / "history.csv").is_file()
+
+
+def test_optuna_searches_the_cv_mean_and_tags_the_best_trial(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(image_root, tmp_path, uri, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Best trial: " in result.stdout
+    results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    client = MlflowClient(uri)
+    parents = runs_by_type(client, "cv_parent")
+    assert 1 <= len(parents) <= 2 and all(len(children_of(client, p.info.run_id)) >= 2 for p in parents)
+    (best,) = [p for p in parents if p.data.tags.get("best_trial") == "true"]
+    assert abs(best.data.metrics["cv_mean_val_accuracy"] - results["best_value"]) < 1e-6
+
+
+def test_resume_continues_a_killed_fold_in_the_same_run(image_root: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = train(
+        image_root, tmp_path, uri, "fold=0", "epochs=3", "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch"
+    )
+    assert killed.returncode != 0
+    client = MlflowClient(uri)
+    (run,) = runs_by_type(client, "fold")
+    assert run.info.status == "KILLED"
+    resumed = train(image_root, tmp_path / "again", uri, "fold=0", "epochs=3", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = runs_by_type(client, "fold")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1, 2]
+    with (Path(run.data.tags["hydra_output_dir"]) / "history.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["folds_done"] == 1
+
+
+def test_resume_without_mlflow_needs_a_checkpoint_path(image_root: Path, tmp_path: Path) -> None:
+    base = [*tiny_overrides(image_root, tmp_path), "logger=none", "fold=0", "epochs=3"]
+    result = run_cli("train.py", *base, "resume=true")
+    assert result.returncode == 2 and "ckpt_path=" in result.stderr
+    killed = run_cli("train.py", *base, "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch")
+    assert killed.returncode != 0
+    last = tmp_path / "outputs" / "checkpoints" / "last.ckpt"
+    resumed = run_cli(
+        "train.py",
+        *tiny_overrides(image_root, tmp_path / "b"),
+        "logger=none",
+        "fold=0",
+        "epochs=3",
+        f"ckpt_path={last}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with (tmp_path / "outputs" / "history.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
