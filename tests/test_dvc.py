@@ -39,7 +39,11 @@ PIPELINE_FILES = (
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """A command as a user types it; `dvc` is this interpreter's, and stage commands find its `python`."""
     command = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     env.pop("GDRIVE_CREDENTIALS_DATA", None)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -48,13 +52,13 @@ def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 
 def init_repo(path: Path) -> Path:
-    """An empty git + DVC repository that never stages files by itself."""
+    """An empty git + DVC repository with its own git identity (for `dvc exp run`) and no update checks."""
     path.mkdir(parents=True, exist_ok=True)
     run("git", "init", "-q", cwd=path)
     run("git", "config", "user.name", "test", cwd=path)
     run("git", "config", "user.email", "test@example.com", cwd=path)
     run("dvc", "init", "-q", cwd=path)
-    run("dvc", "config", "core.analytics", "false", cwd=path)
+    run("dvc", "config", "core.check_update", "false", cwd=path)
     return path
 
 
@@ -105,6 +109,7 @@ def test_credentials_and_outputs_stay_out_of_git() -> None:
         "my-project-service-account.json",
         "data/train/0/0000.png",
         "outputs/dvc/cv/metrics.json",
+        "dvc_plots/index.html",
         ".dvc/cache/files/md5/00/0",
     ]
     kept = [".dvc/config", ".dvcignore", "data.dvc", "dvc.yaml", "dvc.lock", "params.yaml"]
@@ -349,7 +354,11 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pipeline(data_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A copy of the project on tiny data and settings, committed, after one `dvc repro`."""
+    """A copy of the project on tiny data and settings, committed, after one `dvc repro`.
+
+    It keeps the project's .dvc/config, so it also shows that the Drive remote, without a key here,
+    does not get in the way of `dvc repro` and `dvc exp run`.
+    """
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     shutil.copytree(data_repo, repo)
     for name in PIPELINE_FILES:
