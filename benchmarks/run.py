@@ -180,6 +180,7 @@ def sweep(work: Path, data: Path, n_images: int, epochs: int, image_size: int) -
     return {
         "setting": f"5 folds x {epochs} epochs, ResNet18 frozen (random init), {image_size} px, batch 32, "
         f"{n_images} images, data.num_workers=auto, basic launcher, one process",
+        "epochs": epochs,
         "off_s": runs["off"]["seconds"],
         "on_cold_s": runs["on_cold"]["seconds"],
         "on_warm_s": runs["on_warm"]["seconds"],
@@ -233,7 +234,7 @@ def print_table(results: dict[str, Any]) -> None:
             ">= 0.95x",
         ),
         (
-            "b) 5-fold frozen sweep, 10 epochs (s)",
+            f"b) 5-fold frozen sweep, {b['epochs']} epochs (s)",
             f"cache on {b['on_cold_s']:.1f} cold, {b['on_warm_s']:.1f} warm",
             f"cache off {b['off_s']:.1f}",
             f"{b['speedup_cold']:.1f}x cold, {b['speedup_warm']:.1f}x warm",

@@ -164,8 +164,9 @@ def _git_tags() -> dict[str, str]:
         return {}
 
 
-def _flat_params(cfg: DictConfig, keys: dict[str, Any]) -> dict[str, str]:
-    return {k: ("null" if v is None else str(v))[:6000] for k, v in keys.items()}
+def _as_params(values: dict[str, Any]) -> dict[str, str]:
+    """MLflow param values: strings of at most 6000 characters."""
+    return {k: ("null" if v is None else str(v))[:6000] for k, v in values.items()}
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
@@ -207,7 +208,7 @@ def _parent_run(client: Any, experiment_id: str, cfg: DictConfig, digest: str) -
         run_name=parent_name(cfg),
         tags={RUN_TYPE_TAG: "cv_parent", "config_hash": digest, "backbone": str(cfg.model.name), **_git_tags()},
     )
-    _log_params(client, run.info.run_id, _flat_params(cfg, identity(cfg)))
+    _log_params(client, run.info.run_id, _as_params(identity(cfg)))
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -385,7 +386,7 @@ def start_fold_run(cfg: DictConfig, fold: int) -> FoldRun:
     params = {
         k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if not k.startswith("callbacks.")
     }
-    _log_params(client, run.info.run_id, _flat_params(cfg, params))
+    _log_params(client, run.info.run_id, _as_params(params))
     return FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id)
 
 
@@ -438,14 +439,11 @@ def fold_guard(run: FoldRun | None) -> Iterator[None]:
         yield
     except BaseException as err:
         if run is not None:
+            # Lightning turns Ctrl-C into sys.exit(1) raised while handling the KeyboardInterrupt,
+            # and its own SIGTERM handling into SIGTERMException (a SystemExit).
             killed = isinstance(err, (KeyboardInterrupt, _Terminated)) or type(err).__name__ == "SIGTERMException"
-            killed = killed or (
-                isinstance(err, SystemExit)
-                and err.code == 1
-                and err.__context__ is not None
-                and isinstance(err.__context__, KeyboardInterrupt)
-            )
-            with contextlib.suppress(Exception):
+            killed = killed or (isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt))
+            with contextlib.suppress(Exception):  # the store may be what failed; the error below matters more
                 run.client.set_terminated(run.run_id, "KILLED" if killed else "FAILED")
                 update_cv_summary(run.uri, run.parent_id)
         raise
