@@ -1,6 +1,6 @@
 """Speed benchmark of the training and test paths against bare PyTorch, side by side on this machine.
 
-    python benchmarks/run.py            # 10-15 minutes on 2 CPU cores; prints a table, writes JSON
+    python benchmarks/run.py            # about 15 minutes on 2 CPU cores; prints a table, writes JSON
     python benchmarks/run.py --quick    # a short smoke run of the same steps (its numbers mean little)
 
 Everything runs offline on the built-in digits, written to --workdir, each arm in its own process:
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "benchmark", help="scratch folder")
     parser.add_argument("--out", type=Path, help="JSON results (default: <workdir>/results.json)")
     parser.add_argument("--sweep-per-class", type=int, default=20, help="images per digit class in the sweep (b)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (c)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (c)")
     parser.add_argument("--max-wait", type=float, default=MAX_WAIT_S, help="seconds to wait for idle CPUs")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check that every step runs")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from src.leaderboard import collect, render
+from src.sample_data import write_digits
 from tests.conftest import run_cli, tiny_overrides
 from tests.helpers import free_port, mlflow_server
 
@@ -255,14 +256,17 @@ def test_a_signal_mid_fold_leaves_it_killed(image_root: Path, tmp_path: Path, si
     assert "folds_done" not in parent.data.metrics
 
 
-def test_parallel_jobs_share_one_parent_in_sqlite(image_root: Path, tmp_path: Path) -> None:
+def test_parallel_jobs_share_one_parent_in_sqlite(tmp_path: Path) -> None:
+    """Hydra's joblib launcher with 2 workers on the built-in digits (both folds at once)."""
+    write_digits(tmp_path / "digits")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = train(
-        image_root,
+        tmp_path / "digits",
         tmp_path,
         uri,
         "fold=0,1",
         "epochs=2",
+        "batch_size=64",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         sweep=True,
@@ -274,6 +278,7 @@ def test_parallel_jobs_share_one_parent_in_sqlite(image_root: Path, tmp_path: Pa
     assert sorted(c.data.tags["fold"] for c in children) == ["0", "1"]
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+        assert child.data.metrics["best_val_accuracy"] > 0.25  # 10 digit classes, chance is 0.1
     assert client.get_run(parent.info.run_id).data.metrics["folds_done"] == 2
 
 
