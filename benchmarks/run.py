@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from src.sample_data import write_digits  # noqa: E402
 
 MAX_WAIT_S = 120.0
+THREADS: int | None = None  # --threads: OMP_NUM_THREADS for every measured process
 
 
 def cpu_busy(seconds: float = 1.0) -> float:
@@ -68,7 +69,7 @@ def measured(cmd: list[str], cwd: Path, log: Path) -> dict[str, Any]:
     busy = settle()
     start = time.perf_counter()
     with log.open("w") as out:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(THREADS)} if THREADS else {})}
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -221,72 +222,78 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    a, b, c, d = results["train_throughput"], results["sweep"], results["inference"], results["startup"]
+    a, b, c, d = (results.get(k) for k in ("train_throughput", "sweep", "inference", "startup"))
     table = Table(title=f"benchmark on {results['machine']['cpus']} CPUs ({results['machine']['processor']})")
     for column in ("measure", "ours", "baseline", "ratio", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")
-    rows = [
-        (
-            "a) training, one fold (images/s)",
-            f"{a['train_py_images_per_s']:.1f}",
-            f"{a['bare_images_per_s']:.1f} bare loop",
-            f"{a['ratio']:.3f}x",
-            ">= 0.95x",
-        ),
-        (
-            f"b) 5-fold frozen sweep, {b['epochs']} epochs (s)",
-            f"cache on {b['on_cold_s']:.1f} cold, {b['on_warm_s']:.1f} warm",
-            f"cache off {b['off_s']:.1f}",
-            f"{b['speedup_cold']:.1f}x cold, {b['speedup_warm']:.1f}x warm",
-            ">= 10x",
-        ),
-        (
-            "c) inference, test.py (images/s)",
-            f"{c['test_py_images_per_s']:.1f}",
-            f"{c['bare_images_per_s']:.1f} bare",
-            f"{c['ratio']:.3f}x",
-            ">= 0.9x",
-        ),
-        (
-            "   test.py run layer, end to end (s)",
-            f"{c['test_py_run_layer_s']:.1f}",
-            f"{c['bare_with_model_load_s']:.1f} bare",
-            f"{c['ratio_end_to_end']:.3f}x",
-            "",
-        ),
-        (
-            "d) train.py --help / --cfg job (s)",
-            f"{d['train_py_help_s']:.2f} / {d['train_py_cfg_job_s']:.2f}",
-            "",
-            "",
-            "< 2 s",
-        ),
-        (
-            "e) peak RSS, sample fold (MB)",
-            f"{a['train_py_peak_rss_mb']:.0f}",
-            f"{a['bare_peak_rss_mb']:.0f} bare",
-            "",
-            "",
-        ),
-    ]
+    rows = []
+    if a:
+        rows.append(
+            (
+                "a) training, one fold (images/s)",
+                f"{a['train_py_images_per_s']:.1f}",
+                f"{a['bare_images_per_s']:.1f} bare loop",
+                f"{a['ratio']:.3f}x",
+                ">= 0.95x",
+            )
+        )
+    if b:
+        rows.append(
+            (
+                f"b) 5-fold frozen sweep, {b['epochs']} epochs (s)",
+                f"cache on {b['on_cold_s']:.1f} cold, {b['on_warm_s']:.1f} warm",
+                f"cache off {b['off_s']:.1f}",
+                f"{b['speedup_cold']:.1f}x cold, {b['speedup_warm']:.1f}x warm",
+                ">= 10x",
+            )
+        )
+    if c:
+        rows.append(
+            (
+                "c) inference, test.py (images/s)",
+                f"{c['test_py_images_per_s']:.1f}",
+                f"{c['bare_images_per_s']:.1f} bare",
+                f"{c['ratio']:.3f}x",
+                ">= 0.9x",
+            )
+        )
+        rows.append(
+            (
+                "   test.py run layer, end to end (s)",
+                f"{c['test_py_run_layer_s']:.1f}",
+                f"{c['bare_with_model_load_s']:.1f} bare",
+                f"{c['ratio_end_to_end']:.3f}x",
+                "",
+            )
+        )
+    if d:
+        help_s, cfg_s = d["train_py_help_s"], d["train_py_cfg_job_s"]
+        rows.append(("d) train.py --help / --cfg job (s)", f"{help_s:.2f} / {cfg_s:.2f}", "", "", "< 2 s"))
+    if a:
+        rss = (f"{a['train_py_peak_rss_mb']:.0f}", f"{a['bare_peak_rss_mb']:.0f} bare")
+        rows.append(("e) peak RSS, sample fold (MB)", *rss, "", ""))
     for row in rows:
         table.add_row(*row)
     Console(width=140).print(table)
     for key, value in (("a", a), ("b", b), ("c", c)):
-        print(f"{key}) {value['setting']}")
+        if value:
+            print(f"{key}) {value['setting']}")
 
 
 def main() -> None:
-    global MAX_WAIT_S
+    global MAX_WAIT_S, THREADS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "benchmark", help="scratch folder")
     parser.add_argument("--out", type=Path, help="JSON results (default: <workdir>/results.json)")
+    parser.add_argument("--only", default="a,b,c,d", help="comma-separated steps; c scores the model b exported")
     parser.add_argument("--sweep-per-class", type=int, default=20, help="images per digit class in the sweep (b)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (c)")
     parser.add_argument("--max-wait", type=float, default=MAX_WAIT_S, help="seconds to wait for idle CPUs")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every measured process (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check that every step runs")
     args = parser.parse_args()
-    MAX_WAIT_S = args.max_wait
+    MAX_WAIT_S, THREADS = args.max_wait, args.threads
+    steps = set(args.only.split(","))
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     digits = work / "digits"
@@ -296,6 +303,9 @@ def main() -> None:
     sweep_data = work / "sweep_subset"
     n_sweep = subset(digits / "train", sweep_data, per_class)
     epochs_a, epochs_b, size_b = (1, 2, 64) if args.quick else (4, 10, 224)
+    ckpt = work / "models_b" / "cnn_resnet18_freeze_backbone_True_fold_0.pth"
+    if "c" in steps and "b" not in steps and not ckpt.is_file():
+        raise SystemExit(f"step c scores {ckpt}, which step b writes: add b to --only")
 
     import torch
 
@@ -305,19 +315,22 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": args.threads or torch.get_num_threads(),
         },
         "quick": args.quick,
     }
-    print("d) start-up ...", flush=True)
-    results["startup"] = startup(work, 1 if args.quick else 3)
-    print("a, e) one sample fold: train.py vs bare loop ...", flush=True)
-    results["train_throughput"] = training_throughput(work, digits / "train", epochs_a, rounds)
-    print(f"b) 5-fold sweep on {n_sweep} images at {size_b} px: cache off, on (cold), on (warm) ...", flush=True)
-    results["sweep"] = sweep(work, sweep_data, n_sweep, epochs_b, size_b)
-    print("c) inference: test.py vs bare ...", flush=True)
-    ckpt = work / "models_b" / "cnn_resnet18_freeze_backbone_True_fold_0.pth"
-    results["inference"] = inference(work, ckpt, digits / "test", size_b, rounds)
+    if "d" in steps:
+        print("d) start-up ...", flush=True)
+        results["startup"] = startup(work, 1 if args.quick else 3)
+    if "a" in steps:
+        print("a, e) one sample fold: train.py vs bare loop ...", flush=True)
+        results["train_throughput"] = training_throughput(work, digits / "train", epochs_a, rounds)
+    if "b" in steps:
+        print(f"b) 5-fold sweep on {n_sweep} images at {size_b} px: cache off, on (cold), on (warm) ...", flush=True)
+        results["sweep"] = sweep(work, sweep_data, n_sweep, epochs_b, size_b)
+    if "c" in steps:
+        print("c) inference: test.py vs bare ...", flush=True)
+        results["inference"] = inference(work, ckpt, digits / "test", size_b, rounds)
     out = args.out or work / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print_table(results)

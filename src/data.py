@@ -265,16 +265,14 @@ class FoldDataModule(L.LightningDataModule):
             self.train_transform if train else self.eval_transform,
         )
 
-    @property
-    def loader_workers(self) -> int:
-        """In-memory features need no worker processes; they would only copy tensors between processes."""
-        return 0 if self.features is not None else self.num_workers
-
+    # Features load through the same worker settings as images: in-memory rows need no workers, but
+    # persistent workers draw their seed from the global RNG once per fit rather than once per epoch,
+    # and only equal draws keep shuffling (and any dropout) identical with and without the cache.
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(True), self.batch_size, self.loader_workers, shuffle=True)
+        return make_loader(self._dataset(True), self.batch_size, self.num_workers, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(False), self.batch_size, self.loader_workers)
+        return make_loader(self._dataset(False), self.batch_size, self.num_workers)
 
 
 def dvc_data_version(train_dir: str | Path, dvc_file: str | Path = "data.dvc") -> dict[str, str]:

@@ -38,6 +38,7 @@ from torchvision.transforms import v2
 from src.data import FoldDataModule, ImageDataset, make_loader
 from src.errors import UserError
 from src.evaluation import predict
+from src.model import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
+    """The `.npy` file of one feature vector, serialised in memory so that it can be written atomically."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
     return buffer.getvalue()
@@ -189,7 +191,7 @@ def feature_device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def attach_cached_features(cfg: DictConfig, model: nn.Module, datamodule: FoldDataModule) -> bool:
+def attach_cached_features(cfg: DictConfig, model: ImageClassifier, datamodule: FoldDataModule) -> bool:
     """When `use_feature_cache(cfg)`, give `datamodule` the cached features of all its images.
 
     Its loaders then yield (feature, target) batches, which the model sends to its head alone; the
