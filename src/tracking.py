@@ -259,7 +259,7 @@ class FoldRun:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            info = log_pytorch_model(result, self.cfg)
+            info = log_pytorch_model(result)
         client.set_tag(self.run_id, "model_file", str(Path(result["model_file"]).resolve()))
         registry = self.cfg.logger.get("registry") or {}
         if registry.get("enabled", True):
@@ -294,7 +294,7 @@ class FoldRun:
         return mv.version
 
 
-def log_pytorch_model(result: dict[str, Any], cfg: DictConfig) -> Any:
+def log_pytorch_model(result: dict[str, Any]) -> Any:
     """Log the plain torchvision network with `mlflow.pytorch.log_model` in the pt2 format.
 
     pt2 (torch.export) is chosen deliberately: loading it runs no pickled code and needs

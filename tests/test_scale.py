@@ -45,7 +45,7 @@ def test_ddp_inside_a_sweep_runs_as_ddp_spawn(image_root: Path, tmp_path: Path) 
     assert sorted(c.data.tags["fold"] for c in children_of(client, parent.info.run_id)) == ["0", "1"]
 
 
-def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+def test_slurm_launcher_config_composes() -> None:
     result = run_cli("train.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
     assert result.returncode == 0, result.stderr[-3000:]
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
