@@ -1,7 +1,8 @@
-"""Score a trained model on data/test:
+"""Score a trained model or a fold ensemble on data/test:
 
     python test.py ckpt=models/cnn_resnet18_freeze_backbone_True_fold_3.pth
     python test.py ckpt=models:/resnet18_classifier@champion
+    python test.py ckpt=runs:/<parent run id> tta=hflip
 
 Heavy libraries are imported inside main() so that --help and --cfg answer at once.
 """
@@ -14,9 +15,9 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float:
     """Returns the test accuracy."""
     from src.errors import run_job
-    from src.testing import test
+    from src.testing import evaluate
 
-    return run_job(test, cfg)["accuracy"]
+    return run_job(evaluate, cfg)["accuracy"]
 
 
 if __name__ == "__main__":

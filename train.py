@@ -5,8 +5,16 @@ Built-in sample data:   python train.py experiment=sample
 Heavy libraries are imported inside main() so that --help and --cfg answer at once.
 """
 
+import os
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
+# Jobs that a launcher starts in a fresh interpreter (submitit locally or on SLURM) import `src` too.
+_REPO = str(Path(__file__).resolve().parent)
+if _REPO not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

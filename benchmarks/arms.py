@@ -105,25 +105,25 @@ def ours_test(ckpt: str, test_dir: str, out_dir: str) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from src import evaluation
-    from src.testing import test
+    from src.serving import files
+    from src.testing import evaluate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("test", overrides=[f"ckpt={ckpt}", f"data.test_dir={test_dir}", "logger=none"])
     with open_dict(cfg):
         cfg.paths.output_dir = out_dir
-    predict, predict_seconds = evaluation.predict, []
+    predict, predict_seconds = files.predict_files, []
 
-    def timed_predict(*args: Any, **kwargs: Any) -> evaluation.Predictions:
+    def timed_predict(*args: Any, **kwargs: Any) -> files.FilePredictions:
         start = time.perf_counter()
         try:
             return predict(*args, **kwargs)
         finally:
             predict_seconds.append(time.perf_counter() - start)
 
-    evaluation.predict = timed_predict  # the prediction stage alone, as test() calls it
+    files.predict_files = timed_predict  # the prediction stage alone, as evaluate() calls it
     start = time.perf_counter()
-    metrics = test(cfg)
+    metrics = evaluate(cfg)
     seconds = time.perf_counter() - start
     images = json.loads((Path(out_dir) / "test_metrics.json").read_text())["n_images"]
     return {

@@ -17,7 +17,6 @@ It reads files only, so it works the same with or without MLflow tracking.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import UserError
+from src.evaluation import read_csv, write_csv
 
 
 def fold_model(run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -41,12 +41,6 @@ def fold_model(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     return models[0], {k: v for k, v in saved.items() if k != "state_dict"}
 
 
-def read_history(path: Path) -> list[dict[str, float]]:
-    """history.csv as numbers; an empty cell (a metric missing that epoch) is left out of its row."""
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     """Per epoch, the mean of each metric over the folds that reached that epoch (early stopping may end some)."""
     rows = []
@@ -57,14 +51,6 @@ def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, floa
         row.update({k: statistics.fmean(r[k] for r in at_epoch if k in r) for k in keys})
         rows.append(row)
     return rows
-
-
-def write_csv(rows: list[dict[str, float]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def cv_report(runs: Path, n_folds: int, out: Path) -> dict[str, float]:
@@ -81,7 +67,7 @@ def cv_report(runs: Path, n_folds: int, out: Path) -> dict[str, float]:
         if meta.get("fold") != k:
             raise UserError(f"{models[k]} was trained on fold {meta.get('fold')}, not {k}; run `dvc repro` again")
         scores[k] = float(meta["best_val_accuracy"])
-        histories.append(read_history(run_dir / "history.csv"))
+        histories.append(read_csv(run_dir / "history.csv"))
     best = max(scores, key=scores.get)
     metrics = {
         "cv_mean_val_accuracy": statistics.fmean(scores.values()),

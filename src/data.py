@@ -8,6 +8,7 @@ any machine.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,15 +18,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import v2
 
 from src.errors import UserError
+from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 DATA_HINT = "run `dvc pull` to fetch the data, or `make data` to write the built-in sample digits"
 
@@ -178,14 +178,50 @@ class ImageDataset(Dataset):
         return self.transform(load_image(self.root / self.paths[index])), self.targets[index]
 
 
-def resolve_num_workers(num_workers: int | str) -> int:
-    """`auto` leaves one core for the training process and caps at 8."""
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, SLURM, containers), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | str, parallel_jobs: int = 1) -> int:
+    """`auto`: this job's share of the CPUs less one for the training process itself, at most 8.
+
+    `parallel_jobs` jobs training side by side on one machine (the joblib launcher) share its CPUs evenly,
+    as joblib shares them among its workers' thread pools, so two jobs do not start two full sets of workers.
+    """
     if num_workers == "auto":
-        return max(0, min(8, (os.cpu_count() or 1) - 1))
-    return int(num_workers)
+        cpus, jobs = available_cpus(), max(1, parallel_jobs)
+        workers = max(0, min(8, cpus // jobs - 1))
+        log.info("data.num_workers=auto: %d loader workers (%d CPUs, %d job(s) at once)", workers, cpus, jobs)
+        return workers
+    try:
+        workers = int(num_workers)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0:
+        raise UserError(f"data.num_workers={num_workers} must be `auto` or a whole number >= 0")
+    return workers
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False) -> DataLoader:
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How loader workers start: the process's own start method, unless a launcher replaced it with its own.
+
+    A joblib (loky) worker process runs with the start method `loky`, whose Popen can only start loky's own
+    Process objects: a DataLoader left to that default fails to start its workers ("Got pickle error") and
+    Lightning then stops with "Please call `iter(combined_loader)` first". Such a process gets the platform's
+    default method instead (fork on Linux before Python 3.14, forkserver from 3.14, spawn on macOS and Windows).
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None or method in ("fork", "spawn", "forkserver"):
+        return None
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, sampler: Sampler | None = None
+) -> DataLoader:
     """A DataLoader with persistent workers and pinned memory when they pay off.
 
     A shuffled (training) loader drops a last batch of one sample: BatchNorm cannot train on it.
@@ -194,10 +230,12 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bo
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         drop_last=shuffle and len(dataset) % batch_size == 1,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
 
@@ -272,40 +310,26 @@ class FoldDataModule(L.LightningDataModule):
         return make_loader(self._dataset(True), self.batch_size, self.num_workers, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(False), self.batch_size, self.num_workers)
+        dataset = self._dataset(False)
+        return make_loader(dataset, self.batch_size, self.num_workers, sampler=self._validation_shard(dataset))
 
+    def _validation_shard(self, dataset: Dataset) -> Sampler | None:
+        """While a multi-process (DDP) fit runs, this process's share of the validation set, each image in one share.
 
-def dvc_data_version(train_dir: str | Path, dvc_file: str | Path = "data.dvc") -> dict[str, str]:
-    """The md5 that `data.dvc` records for the data folder, and whether the workspace still matches it.
+        Lightning's own DistributedSampler pads the set to a multiple of the process count with repeated images,
+        which val_accuracy, and so best_val_accuracy, would count twice. Otherwise (one device, or the report
+        after fit) the loader reads every image.
+        """
+        from lightning.pytorch.trainer.states import TrainerStatus
 
-    Empty when `train_dir` is not inside the DVC-tracked folder.
-    """
-    dvc_file = Path(dvc_file)
-    if not dvc_file.is_file():
-        return {}
-    import yaml
+        trainer = self.trainer
+        if (
+            trainer is None
+            or trainer.world_size < 2
+            or trainer.state.status != TrainerStatus.RUNNING
+            or len(dataset) < trainer.world_size  # every process needs a batch
+        ):
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-    out = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])[0]
-    tracked = (dvc_file.parent / out.get("path", "")).resolve()
-    if "md5" not in out or not Path(train_dir).resolve().is_relative_to(tracked):
-        return {}
-    tags = {"data_version": out["md5"], "data_dvc_file": str(dvc_file)}
-    try:
-        from dvc.repo import Repo
-
-        with Repo(str(dvc_file.parent)) as repo:
-            changed = bool(repo.status(targets=[str(dvc_file)]))
-    except Exception as err:  # no DVC repo, broken cache: the md5 is still worth recording
-        log.warning("could not compare %s with %s: %s", tracked, dvc_file, err)
-        tags["data_matches_dvc"] = "unknown"
-        return tags
-    tags["data_matches_dvc"] = str(not changed).lower()
-    if changed:
-        log.warning(
-            "%s differs from %s (md5 %s): run `dvc add %s` to version the change, or `dvc checkout` to restore it",
-            tracked,
-            dvc_file,
-            out["md5"],
-            out.get("path"),
-        )
-    return tags
+        return UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)

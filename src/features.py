@@ -170,6 +170,11 @@ def cached_features(
             with torch.random.fork_rng(devices=[]):  # DataLoader iterators draw a seed from the global RNG
                 computed = predict(backbone, make_loader(dataset, batch_size, num_workers), device).logits
             backbone.to(home)
+            if computed.ndim != 2:  # an entry is one vector; anything else would be rejected on every read
+                raise UserError(
+                    f"the {backbone_name} backbone gives features of shape {tuple(computed.shape[1:])}, not vectors, "
+                    f"so they cannot be cached; run with cache_features=false"
+                )
             for digest, row in zip(todo, computed.numpy(), strict=True):
                 entries[digest] = row
                 _write_atomic(folder / f"{digest}.npy", _npy_bytes(row))

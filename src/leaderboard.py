@@ -1,5 +1,6 @@
-"""Leaderboard: fold runs sorted by best_val_accuracy, each configuration's CV mean ± std, and the
-recommended model, the way the seed report's "Results & Analysis" read them off the MLflow UI.
+"""Leaderboard: fold runs sorted by best_val_accuracy, each configuration's CV mean ± std and out-of-fold
+accuracy, and the recommended model (the best complete configuration's fold ensemble), the way the seed
+report's "Results & Analysis" read them off the MLflow UI.
 
     python -m src.leaderboard [--experiment pytorch-classification] [--format table|csv|markdown] [--top 20]
 """
@@ -10,7 +11,6 @@ import argparse
 import csv
 import io
 import sys
-from pathlib import Path
 from typing import Any
 
 from src.errors import UserError
@@ -27,7 +27,16 @@ FOLD_COLUMNS = [
     "batch_size",
     "epochs",
 ]
-CONFIG_COLUMNS = ["parent_run_id", "config", "folds_done", "cv_mean_val_accuracy", "cv_std_val_accuracy", "best_fold"]
+CONFIG_COLUMNS = [
+    "parent_run_id",
+    "config",
+    "folds_done",
+    "folds_missing",
+    "cv_mean_val_accuracy",
+    "cv_std_val_accuracy",
+    "oof_accuracy",
+    "best_fold",
+]
 
 
 def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -73,36 +82,37 @@ def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[
             "cv_mean_val_accuracy": r.data.metrics["cv_mean_val_accuracy"],
             "cv_std_val_accuracy": r.data.metrics.get("cv_std_val_accuracy", 0.0),
             "best_fold": int(r.data.metrics.get("best_fold", -1)),
+            "folds_missing": int(r.data.metrics.get("folds_missing", 0)),
+            "oof_accuracy": r.data.metrics.get("oof_accuracy", ""),
+            "registered_model": r.data.tags.get("registered_model", ""),
+            "ensemble_model_uri": r.data.tags.get("ensemble_model_uri", ""),
         }
         for run_id, r in parents.items()
         if "cv_mean_val_accuracy" in r.data.metrics
     ]
-    configs.sort(key=lambda row: row["cv_mean_val_accuracy"], reverse=True)
+    # Complete configurations first, by out-of-fold accuracy (ties: smaller spread); then the rest by CV mean.
+    configs.sort(
+        key=lambda row: (
+            row["oof_accuracy"] != "",
+            row["oof_accuracy"] if row["oof_accuracy"] != "" else row["cv_mean_val_accuracy"],
+            -row["cv_std_val_accuracy"],
+        ),
+        reverse=True,
+    )
     return folds, configs
 
 
-def _file_holds_run(path: str, run_id: str) -> bool:
-    """Whether models/<file>.pth still holds this run's export (a later run of the same fold replaces it)."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id") == run_id
-    except Exception:  # missing, moved or unreadable: not this run's file any more
-        return False
-
-
-def recommendation(best: dict[str, Any] | None) -> str:
-    if best is None:
-        return "No finished fold runs yet."
-    where = [f"runs:/{best['run_id']}/exported/{Path(best['model_file']).name}"] if best["model_file"] else []
-    if best["registered_model"]:
-        where.insert(0, best["registered_model"])
-    if best["model_file"] and _file_holds_run(best["model_file"], best["run_id"]):
-        where.insert(0, best["model_file"])
+def recommendation(configs: list[dict[str, Any]]) -> str:
+    """The fold ensemble of the best complete configuration: every fold's model, judged out of fold."""
+    complete = [c for c in configs if c["oof_accuracy"] != ""]
+    if not complete:
+        return "No complete configuration yet: train every fold of one (fold=0..n_folds-1) to get its fold ensemble."
+    best = complete[0]
+    where = [x for x in (best["registered_model"], f"runs:/{best['parent_run_id']}") if x]
     return (
-        f"Recommended model: {' = '.join(where) or '(none recorded)'}\n"
-        f"  fold {best['fold']} of '{best['config']}', best_val_accuracy {best['best_val_accuracy']:.4f}, "
-        f"run {best['run_id']}"
+        f"Recommended model: {' = '.join(where)} (fold ensemble)\n"
+        f"  '{best['config']}', oof_accuracy {best['oof_accuracy']:.4f}, "
+        f"cv_mean_val_accuracy {best['cv_mean_val_accuracy']:.4f} ± {best['cv_std_val_accuracy']:.4f}"
     )
 
 
@@ -113,7 +123,7 @@ def _fmt(value: Any) -> str:
 def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str, top: int) -> str:
     """The two tables and the recommendation as plain text, CSV or Markdown."""
     folds = folds[:top]
-    recommended = recommendation(folds[0] if folds else None)
+    recommended = recommendation(configs)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=[*FOLD_COLUMNS, "model_file", "registered_model"])
@@ -144,13 +154,14 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
     for row in folds:
         fold_table.add_row(*(_fmt(row[c]) for c in FOLD_COLUMNS))
     config_table = Table(title="Configurations: mean ± std over folds")
-    for column in ("config", "folds_done", "cv_mean ± std", "best_fold", "parent_run_id"):
+    for column in ("config", "folds_done", "cv_mean ± std", "oof_accuracy", "best_fold", "parent_run_id"):
         config_table.add_column(column)
     for row in configs:
         config_table.add_row(
             row["config"],
-            str(row["folds_done"]),
+            f"{row['folds_done']}" + (f" ({row['folds_missing']} missing)" if row["folds_missing"] else ""),
             f"{row['cv_mean_val_accuracy']:.4f} ± {row['cv_std_val_accuracy']:.4f}",
+            _fmt(row["oof_accuracy"]),
             str(row["best_fold"]),
             row["parent_run_id"],
         )
@@ -161,7 +172,7 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from src.tracking import default_tracking_uri
+    from src.tracking.store import default_tracking_uri
 
     parser = argparse.ArgumentParser(description="Rank MLflow fold runs and configurations.")
     parser.add_argument("--experiment", default="pytorch-classification")

@@ -1,14 +1,18 @@
 """Model: torchvision backbones with a new head, freezing, and the Lightning module that trains them.
 
-The network is kept as two modules, `backbone` (image -> feature vector) and `head`
+The network is kept as two modules, `backbone` (image -> flat feature vector) and `head`
 (feature vector -> logits), so that freezing, feature caching and export all work on
-the same split. Saved files hold torchvision's own state-dict layout, loadable into
-`torchvision.models.get_model(backbone, num_classes=len(classes))` with no code of ours.
+the same split, for every torchvision classification family. Saved files hold torchvision's
+own state-dict layout, loadable into `torchvision.models.get_model(backbone,
+num_classes=len(classes), **native_kwargs(backbone))` with no code of ours (the kwargs are
+empty except for googlenet and inception_v3).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,22 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.errors import UserError
+from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 MODEL_FILE_FORMAT = 1
+# torchvision builds these pretrained without their auxiliary classifiers (they only feed an extra training
+# loss) and with `transform_input`, which re-normalises ImageNet-normalised input the way those weights were
+# trained. Random init gets the same form, so that every model file of a backbone has one layout.
+AUX_CLASSIFIERS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+
+
+def native_kwargs(name: str) -> dict[str, Any]:
+    """Extra `torchvision.models.get_model` arguments that build network `name` to load one of our state dicts
+    into (empty for most); `init_weights=False` skips an initialisation the loaded tensors replace anyway."""
+    return {"aux_logits": False, "transform_input": True, "init_weights": False} if name in AUX_CLASSIFIERS else {}
 
 
 def _head_attr(net: nn.Module) -> str:
@@ -35,14 +50,61 @@ def _head_attr(net: nn.Module) -> str:
     raise UserError(f"{type(net).__name__} has no fc/classifier/head layer to replace; pick another backbone")
 
 
-def _replace_last_linear(head: nn.Module, num_classes: int) -> nn.Module:
-    """New output layer sized to the classes; earlier layers of a multi-layer head stay."""
-    if isinstance(head, nn.Linear):
-        return nn.Linear(head.in_features, num_classes)
-    last = [name for name, module in head.named_modules() if isinstance(module, nn.Linear)][-1]
-    parent = head.get_submodule(last.rpartition(".")[0]) if "." in last else head
-    old = head.get_submodule(last)
-    setattr(parent, last.rpartition(".")[2], nn.Linear(old.in_features, num_classes))
+def _output_layer(head: nn.Module, name: str) -> str:
+    """Path (inside the head) of the layer that produces the logits: the last Linear or Conv2d."""
+    layers = [path for path, module in head.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)]
+    if not layers:
+        raise UserError(f"backbone {name!r} is not supported: its head has no Linear or Conv2d output layer")
+    return layers[-1]
+
+
+class _SquareMaps(nn.Module):
+    """(N, C*S*S) -> (N, C, S, S): a convolutional head (squeezenet) gets back the maps its backbone flattened.
+
+    Images are square after the centre crop, so S follows from the feature length.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(x.shape[1] // self.channels)
+        return x.unflatten(1, (self.channels, side, side))
+
+
+def _split_head(net: nn.Module, attr: str, num_classes: int, name: str) -> nn.Module:
+    """Cut `net.<attr>` so that `net` ends in a flat feature vector; return the head with a new output layer.
+
+    Layers of the head up to its last Flatten (convnext's LayerNorm2d, maxvit's pooling) stay in the
+    backbone; the rest, e.g. mobilenet's or vgg's MLP, is the trainable head. Either side keeps the others'
+    places as Identity, so `attr.<name>` is still the torchvision key of every head tensor.
+    """
+    old = getattr(net, attr)
+    children = list(old.named_children()) if isinstance(old, nn.Sequential) else []
+    cut = max((i + 1 for i, (_, m) in enumerate(children) if isinstance(m, nn.Flatten)), default=0)
+    if cut:
+        blank = [(n, nn.Identity()) for n, _ in children]
+        setattr(net, attr, nn.Sequential(OrderedDict(children[:cut] + blank[cut:])))
+        head = nn.Sequential(OrderedDict(blank[:cut] + children[cut:]))
+    else:
+        setattr(net, attr, nn.Identity())
+        head = old
+    path = _output_layer(head, name)
+    layer = head.get_submodule(path)
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
+    else:
+        new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride, layer.padding)
+    if not path:  # the head is a single Linear (resnet's fc, swin's head)
+        return new
+    parent, _, child = path.rpartition(".")
+    setattr(head.get_submodule(parent), child, new)
+    if isinstance(new, nn.Conv2d):  # squeezenet: its forward flattens the maps after the classifier
+        first = next(m for m in head.modules() if isinstance(m, nn.Conv2d))
+        head = nn.Sequential(
+            OrderedDict([("maps", _SquareMaps(first.in_channels)), *head.named_children(), ("flatten", nn.Flatten())])
+        )
     return head
 
 
@@ -55,8 +117,11 @@ def _weights_hint(name: str, weights: str) -> str:
         return "pass model.weights=/path/to/weights.pth or model.weights=null"
 
 
-def _load_local_weights(net: nn.Module, path: Path, head_attr: str) -> None:
-    """Load every backbone tensor from a torchvision-layout state dict (or one of our model files)."""
+def _load_local_weights(net: nn.Module, path: Path, output_key: str) -> None:
+    """Load every tensor but the output layer's from a torchvision-layout state dict (or one of our model files).
+
+    Tensors of modules our network leaves out (the auxiliary classifiers of googlenet/inception) are ignored.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -66,9 +131,13 @@ def _load_local_weights(net: nn.Module, path: Path, head_attr: str) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(f"model.weights={path} holds no state dict; save one with torch.save(model.state_dict(), path)")
-    backbone_state = {k: v for k, v in state.items() if not k.startswith(f"{head_attr}.")}
-    result = net.load_state_dict(backbone_state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(f"{head_attr}.")]
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(output_key) and getattr(net, k.partition(".")[0], nn.Identity()) is not None
+    }
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(output_key)]
     if missing or result.unexpected_keys:
         raise UserError(
             f"model.weights={path} does not fit this backbone (missing {missing[:3]}, "
@@ -76,52 +145,69 @@ def _load_local_weights(net: nn.Module, path: Path, head_attr: str) -> None:
         )
 
 
+def _torchvision_net(name: str, weights: str | None) -> nn.Module:
+    """torchvision model `name` with 1000 classes: pretrained, loaded from a local file, or randomly initialised."""
+    local = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin"} or "/" in str(weights))
+    if weights is None or local:
+        kwargs = native_kwargs(name) | ({"init_weights": True} if name in AUX_CLASSIFIERS else {})
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
+        if local:
+            if not Path(weights).is_file():
+                raise UserError(f"model.weights={weights} is not a file; give the path to a saved state dict")
+            attr = _head_attr(net)
+            _load_local_weights(net, Path(weights), f"{attr}.{_output_layer(getattr(net, attr), name)}.")
+        return net
+    available = [w.name for w in torchvision.models.get_model_weights(name)]
+    if weights not in available:
+        raise UserError(f"model.weights={weights} is not a {name} weight set; use one of {available}, a file, or null")
+    try:
+        net = torchvision.models.get_model(name, weights=weights)
+    except Exception as err:  # URLError, socket timeouts, HTTP errors, truncated downloads
+        raise UserError(f"could not download {name} {weights} weights ({err}); {_weights_hint(name, weights)}") from err
+    if name in AUX_CLASSIFIERS:  # googlenet's builder drops them itself, inception_v3's keeps them
+        net.aux_logits = False
+        for aux in AUX_CLASSIFIERS[name]:
+            setattr(net, aux, None)
+    return net
+
+
 def build_network(name: str, num_classes: int, weights: str | None) -> tuple[nn.Module, nn.Module, str]:
     """torchvision model `name` split into (backbone, new head, head attribute name).
 
-    `weights` is a torchvision weights enum name (e.g. IMAGENET1K_V1, fetched into the
-    torch hub cache), a path to a local state-dict file, or None for random init.
+    The backbone maps images (N, 3, H, W) to flat features (N, D), the head features to logits: the split
+    that freezing and the feature cache need. `weights` is a torchvision weights enum name (e.g.
+    IMAGENET1K_V1, fetched into the torch hub cache), a path to a local state-dict file, or None for
+    random init.
     """
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(
             f"unknown backbone {name!r}; use model=resnet18|resnet50|mobilenet_v3_small|efficientnet_b0 "
             f"or model.name=<a torchvision classification model>"
         )
-    local = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin"} or "/" in str(weights))
-    if weights is None or local:
-        net = torchvision.models.get_model(name, weights=None)
-        if local:
-            if not Path(weights).is_file():
-                raise UserError(f"model.weights={weights} is not a file; give the path to a saved state dict")
-            _load_local_weights(net, Path(weights), _head_attr(net))
-    else:
-        available = [w.name for w in torchvision.models.get_model_weights(name)]
-        if weights not in available:
-            raise UserError(
-                f"model.weights={weights} is not a {name} weight set; use one of {available}, a file, or null"
-            )
-        try:
-            net = torchvision.models.get_model(name, weights=weights)
-        except Exception as err:  # URLError, socket timeouts, HTTP errors, truncated downloads
-            raise UserError(
-                f"could not download {name} {weights} weights ({err}); {_weights_hint(name, weights)}"
-            ) from err
+    net = _torchvision_net(name, weights)
     attr = _head_attr(net)
-    head = _replace_last_linear(getattr(net, attr), num_classes)
-    setattr(net, attr, nn.Identity())
+    head = _split_head(net, attr, num_classes, name)
     return net, head, attr
 
 
 def native_state_dict(backbone: nn.Module, head: nn.Module, head_attr: str) -> dict[str, torch.Tensor]:
-    """The state dict in torchvision's own layout (`layer1...`, `fc.weight`)."""
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    state.update({f"{head_attr}.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
+    """The state dict in torchvision's own layout (`layer1...`, `fc.weight`).
+
+    It keeps the per-module `_metadata` of `Module.state_dict()`: mnasnet refuses to load without its version.
+    """
+    backbone_state, head_state = backbone.state_dict(), head.state_dict()
+    state = OrderedDict((k, v.detach().cpu()) for k, v in backbone_state.items())
+    state.update((f"{head_attr}.{k}", v.detach().cpu()) for k, v in head_state.items())
+    state._metadata = {
+        **backbone_state._metadata,
+        **{f"{head_attr}.{k}".rstrip("."): v for k, v in head_state._metadata.items()},
+    }
     return state
 
 
 def native_network(name: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain torchvision model (eval mode) holding `state`, the form we export and log to MLflow."""
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **native_kwargs(name))
     net.load_state_dict(state)
     return net.eval()
 
@@ -150,8 +236,8 @@ class ImageClassifier(L.LightningModule):
         image_size: int,
         freeze_backbone: bool = True,
         weights: str | None = None,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ) -> None:
@@ -189,7 +275,12 @@ class ImageClassifier(L.LightningModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x if x.ndim == 2 else self.backbone(x))
+        """Images (N, C, H, W) go through backbone and head; cached features (N, D) through the head alone."""
+        if x.ndim == 4:
+            x = self.backbone(x)
+        elif x.ndim != 2:
+            raise ValueError(f"expected images (N, C, H, W) or features (N, D), got a tensor of shape {tuple(x.shape)}")
+        return self.head(x)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch

@@ -1,4 +1,4 @@
-"""The run layer for test.py: load a trained model, score it on a labelled folder, report and track."""
+"""The run layer for test.py: load a trained model or fold ensemble, score it on a labelled folder, report and track."""
 
 from __future__ import annotations
 
@@ -11,20 +11,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src import evaluation
-from src.data import ImageDataset, build_transform, make_loader, resolve_num_workers, scan_image_folder
+from src.data import resolve_num_workers, scan_image_folder
 from src.errors import UserError
-from src.model import load_model_file
 
 log = logging.getLogger(__name__)
-
-
-def load_any(ref: str, cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], dict[str, str]]:
-    """(network, metadata, tags linking to its origin) for a file path or an MLflow URI."""
-    if ref.startswith(("models:/", "runs:/")):
-        from src import tracking
-
-        return tracking.load_logged_model(ref, tracking.tracking_uri(cfg))
-    return (*load_model_file(ref), {"model_file": str(Path(ref).resolve())})
 
 
 def print_report(metrics: dict[str, float], report: dict[str, Any], classes: list[str], title: str) -> None:
@@ -48,20 +38,25 @@ def print_report(metrics: dict[str, float], report: dict[str, Any], classes: lis
     console.print(per_class)
 
 
-def test(cfg: DictConfig) -> dict[str, float]:
-    """Score `cfg.ckpt` on `cfg.data.test_dir`; write reports to the run folder; return the metrics."""
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score `cfg.ckpt` (a model or a fold ensemble) on `cfg.data.test_dir`; write reports; return the metrics.
+
+    Predictions go through the same Predictor as predict.py and the served model. Metrics take logits; an
+    ensemble's "logits" are the log of its mean probabilities, since softmax(log p) = p: accuracy, F1 and the
+    report follow its argmax, and `loss` is the ensemble's negative log-likelihood. For one model without TTA the
+    log-probabilities are log_softmax(logits), which gives the same metrics as the logits themselves.
+    """
+    from src.predicting import load_predictor
+    from src.serving.files import predict_files
+
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError(
-            "pass the model to score: ckpt=models/<file>.pth, ckpt=<run dir>/checkpoints/best.ckpt "
-            "or ckpt=models:/<name>@champion"
+            "pass the model to score: ckpt=models/<file>.pth, ckpt=<run dir>/checkpoints/best.ckpt, "
+            "ckpt=models:/<name>@champion or ckpt=runs:/<parent run id> (its fold ensemble)"
         )
     ref = str(cfg.ckpt)
-    if cfg.logger and ref.startswith(("models:/", "runs:/")):
-        from src.tracking import check_reachable, tracking_uri
-
-        check_reachable(tracking_uri(cfg))
-    net, meta, origin = load_any(ref, cfg)
-    classes = list(meta["classes"])
+    predictor, model = load_predictor(cfg)
+    classes = list(predictor.classes)
     images = scan_image_folder(cfg.data.test_dir, "data.test_dir")
     unknown = [c for c in images.classes if c not in classes]
     if unknown:
@@ -71,16 +66,22 @@ def test(cfg: DictConfig) -> dict[str, float]:
         )
     index = {name: i for i, name in enumerate(classes)}
     targets = [index[images.classes[t]] for t in images.targets]
-    transform = build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
-    loader = make_loader(
-        ImageDataset(images.root, images.paths, targets, transform),
+    result = predict_files(
+        predictor,
+        [images.root / p for p in images.paths],
         cfg.batch_size,
         resolve_num_workers(cfg.data.num_workers),
+        progress=False,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pred = evaluation.predict(net, loader, device)
+    if result.failed:
+        raise UserError(f"{images.paths[result.failed[0]]} in data.test_dir could not be decoded; remove or fix it")
+    pred = evaluation.Predictions(torch.as_tensor(targets)[result.indices], result.log_probs)
     metrics = evaluation.summary_metrics(pred, len(classes))
     report_text, report = evaluation.class_report(pred, classes)
+    n_models, tta = len(predictor.nets), predictor.tta
+    origin = {**model.origin, "n_models": str(n_models), "tta": tta}
+    backbone = model.meta.get("backbone", "model")
+    title = f"{backbone} ensemble of {n_models}" if n_models > 1 else str(backbone)
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def test(cfg: DictConfig) -> dict[str, float]:
         "metrics": out_dir / "test_metrics.json",
         "report": out_dir / "test_classification_report.txt",
         "confusion_matrix": evaluation.plot_confusion_matrix(
-            pred, classes, out_dir / "test_confusion_matrix.png", f"{meta['backbone']} (test)"
+            pred, classes, out_dir / "test_confusion_matrix.png", f"{title} (test)"
         ),
         "predictions": evaluation.write_csv(
             [
@@ -100,9 +101,12 @@ def test(cfg: DictConfig) -> dict[str, float]:
             out_dir / "test_predictions.csv",
         ),
     }
-    files["metrics"].write_text(json.dumps({**metrics, "n_images": len(targets), "ckpt": ref}, indent=2))
+    summary = {**metrics, "n_images": len(targets), "ckpt": ref, "n_models": n_models, "tta": tta}
+    files["metrics"].write_text(json.dumps(summary, indent=2))
     files["report"].write_text(report_text)
-    print_report(metrics, report, classes, f"{ref} on {cfg.data.test_dir} ({len(targets)} images)")
+    setting = f", {n_models} models" if n_models > 1 else ""
+    setting += f", tta={tta}" if tta != "none" else ""
+    print_report(metrics, report, classes, f"{ref}{setting} on {cfg.data.test_dir} ({len(targets)} images)")
     if cfg.logger:
         from src import tracking
 

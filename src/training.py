@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 import statistics
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from src import evaluation, tracking
-from src.data import FoldDataModule
+from src.data import FoldDataModule, available_cpus, resolve_num_workers
 from src.errors import UserError
 from src.features import attach_cached_features
 from src.model import ImageClassifier, save_model_file
@@ -55,6 +58,21 @@ class EpochHistory(L.Callback):
         self.rows = list(state_dict["rows"])
 
 
+def parallel_jobs() -> int:
+    """How many jobs of this sweep train side by side on this machine: the joblib launcher's n_jobs, else 1.
+
+    joblib counts a negative n_jobs back from the CPU count (-1: all, -2: all but one); SLURM jobs have their own.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    n_jobs = HydraConfig.get().launcher.get("n_jobs") if in_sweep else None
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, available_cpus() + 1 + n_jobs)
+
+
 def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
     d = cfg.data
     return FoldDataModule(
@@ -67,7 +85,7 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
         crop_scale=tuple(d.crop_scale),
         hflip=d.hflip,
         batch_size=cfg.batch_size,
-        num_workers=d.num_workers,
+        num_workers=resolve_num_workers(d.num_workers, parallel_jobs()),
     )
 
 
@@ -88,6 +106,42 @@ def model_file(cfg: DictConfig, fold: int) -> Path:
     return (
         Path(cfg.model_dir) / f"cnn_{cfg.model.name}_freeze_backbone_{bool(cfg.model.freeze_backbone)}_fold_{fold}.pth"
     )
+
+
+def publish_copy(source: Path, target: Path) -> None:
+    """Copy a run's own model file to the seed's shared name (last writer wins), atomically: the copy
+    goes to a unique temporary name beside the target and is renamed, so parallel jobs never mix files."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.resolve() == source.resolve():
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validation_rows(
+    pred: evaluation.Predictions, classes: list[str], datamodule: FoldDataModule, fold: int
+) -> list[dict[str, Any]]:
+    """One row per validation image: path, fold, true and predicted class, confidence and every class's
+    probability; the folds' rows together are the out-of-fold predictions (src/tracking/summary.py)."""
+    paths = [datamodule.images.paths[i] for i in datamodule.indices(train=False)]
+    probs = pred.logits.double().softmax(dim=1)
+    return [
+        {
+            "path": path,
+            "fold": fold,
+            "true": classes[t],
+            "predicted": classes[int(p.argmax())],
+            "confidence": float(p.max()),
+            **{f"prob_{c}": float(v) for c, v in zip(classes, p.tolist(), strict=True)},
+        }
+        for path, t, p in zip(paths, pred.targets.tolist(), probs, strict=True)
+    ]
 
 
 def train(cfg: DictConfig) -> float:
@@ -129,7 +183,31 @@ def _strategy_for(cfg: DictConfig) -> dict[str, Any]:
     return trainer_cfg
 
 
-def _resume_point(cfg: DictConfig, fold: int) -> tuple[str | None, str | None, str | None]:
+def _check_checkpoint(ckpt: Path) -> None:
+    """A checkpoint that cannot be read stops with one line, before Lightning's traceback would."""
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(
+            f"cannot resume from {ckpt}: it is unreadable ({type(err).__name__}), e.g. cut short by a crash; "
+            f"start the fold afresh with resume=false (move or delete that file first to keep it out of the way)"
+        ) from err
+
+
+def data_identity(cfg: DictConfig, datamodule: FoldDataModule) -> dict[str, str]:
+    """The data version and split digest that belong to a configuration's identity (src/tracking)."""
+    if not cfg.logger:
+        return {}
+    from src.tracking.data_version import training_data
+
+    images = datamodule.images
+    labels = [images.classes[t] for t in images.targets]
+    return training_data(images.root, images.paths, labels, datamodule.split_rows())
+
+
+def _resume_point(
+    cfg: DictConfig, fold: int, data: dict[str, str]
+) -> tuple[str | None, str | None, str | None]:
     """(checkpoint, MLflow run id, output folder) to continue, for `resume=true` or `ckpt_path=`.
 
     Every DDP process asks, so all of them start from the same checkpoint.
@@ -138,19 +216,21 @@ def _resume_point(cfg: DictConfig, fold: int) -> tuple[str | None, str | None, s
         ckpt = Path(cfg.ckpt_path)
         if not ckpt.is_file():
             raise UserError(f"ckpt_path={ckpt} does not exist; pass <run folder>/checkpoints/last.ckpt")
+        _check_checkpoint(ckpt)
         out_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-        run_id = tracking.unfinished_run_in(cfg, out_dir) if cfg.logger and out_dir else None
+        run_id = tracking.unfinished_run_in(cfg, data, out_dir) if cfg.logger and out_dir else None
         return str(ckpt), run_id, str(out_dir) if out_dir else None
     if not cfg.logger:
         raise UserError(
             "resume=true finds the interrupted fold in MLflow; with logger=none pass "
             "ckpt_path=<run folder>/checkpoints/last.ckpt instead"
         )
-    run_id, out_dir = tracking.find_interrupted_fold(cfg, fold)
+    run_id, out_dir = tracking.find_interrupted_fold(cfg, fold, data)
     ckpt = Path(out_dir) / "checkpoints" / "last.ckpt" if out_dir else None
     if ckpt is None or not ckpt.is_file():
         log.info("resume=true: no interrupted run of fold %d with a last.ckpt; training it afresh", fold)
         return None, None, None
+    _check_checkpoint(ckpt)
     log.info("resume=true: continuing MLflow run %s from %s", run_id, ckpt)
     return str(ckpt), run_id, out_dir
 
@@ -179,16 +259,17 @@ def train_fold(cfg: DictConfig) -> float:
         f"{total:,}",
         "frozen" if cfg.model.freeze_backbone else "trained",
     )
+    data = data_identity(cfg, datamodule)
     resume_from = run_id = None
     if cfg.resume or cfg.ckpt_path:
-        resume_from, run_id, prior_dir = _resume_point(cfg, fold)
+        resume_from, run_id, prior_dir = _resume_point(cfg, fold, data)
         if prior_dir:  # keep writing into the interrupted fold's folder
             cfg = copy.deepcopy(cfg)
             with open_dict(cfg):
                 cfg.paths.output_dir = prior_dir
     run = None
     if rank_zero and cfg.logger:
-        run = tracking.reopen_fold_run(cfg, fold, run_id) if run_id else tracking.start_fold_run(cfg, fold)
+        run = tracking.reopen_fold_run(cfg, fold, run_id) if run_id else tracking.start_fold_run(cfg, fold, data)
     out_dir = Path(cfg.paths.output_dir)
     with tracking.fold_guard(run):
         history = EpochHistory(out_dir / "history.csv")
@@ -234,6 +315,9 @@ def finish_fold(
     report_text, report = evaluation.class_report(pred, classes)
     history = evaluation.read_csv(out_dir / "history.csv")
     files = {
+        "val_predictions": evaluation.write_csv(
+            validation_rows(pred, classes, datamodule, fold), out_dir / "val_predictions.csv"
+        ),
         "split": evaluation.write_csv(datamodule.split_rows(), out_dir / "split.csv"),
         "history": out_dir / "history.csv",
         "confusion_matrix": evaluation.plot_confusion_matrix(
@@ -254,7 +338,8 @@ def finish_fold(
     meta = {**model.model_meta(), "fold": fold, "best_val_accuracy": best}
     if run_id:
         meta["mlflow_run_id"] = run_id
-    exported = save_model_file(model_file(cfg, fold), model.native_state_dict(), meta)
+    exported = save_model_file(out_dir / "model" / model_file(cfg, fold).name, model.native_state_dict(), meta)
+    publish_copy(exported, model_file(cfg, fold))
     return {
         "best_val_accuracy": best,
         "val_metrics": val,

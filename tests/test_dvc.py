@@ -11,6 +11,8 @@ import base64
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from src.data import dvc_data_version
+from src.tracking.data_version import dvc_data_version
 from tests.conftest import CLASSES, ROOT, write_images
 
 PIPELINE_FILES = (
@@ -36,15 +39,17 @@ PIPELINE_FILES = (
 )
 
 
-def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """A command as a user types it; `dvc` is this interpreter's, and stage commands find its `python`."""
     command = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("GDRIVE_CREDENTIALS_DATA", "MLFLOW_TRACKING_URI")},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "DVC_NO_ANALYTICS": "1",
+        **(env or {}),
     }
-    env.pop("GDRIVE_CREDENTIALS_DATA", None)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -307,8 +312,76 @@ def test_every_param_reaches_a_stage_command_and_names_an_existing_config() -> N
             assert f"${{{group}.{key}}}" in pipeline, f"{group}.{key} is not passed to any stage"
     assert "${logger}" in pipeline and "foreach: ${folds}" in pipeline
     assert params["folds"] == list(range(params["train"]["n_folds"]))
-    for group in ("experiment", "model", "optimizer"):
+    for group in ("model", "optimizer"):
         assert (ROOT / "conf" / group / f"{params['train'][group]}.yaml").is_file()
+
+
+def train_stage_config(params: dict[str, Any]) -> DictConfig:
+    """The config that the train stage of fold 0 composes: dvc.yaml's command with `params` filled in, as DVC does."""
+    from hydra import compose, initialize_config_dir
+
+    template = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["cmd"]
+    values = {"item": "0", **flatten(params)}
+    command = re.sub(r"\$\{([\w.]+)\}", lambda m: dvc_str(values[m.group(1)]), template)
+    overrides = shlex.split(command)[2:]  # after `python train.py`
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}, the names dvc.yaml uses."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def dvc_str(value: Any) -> str:
+    """How DVC writes a param into a command: booleans in lower case, everything else as str()."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def sample_params_of_the_makefile() -> dict[str, str]:
+    """`-S key=value` of the Makefile's SAMPLE_PARAMS, as `dvc exp run` reads them (Hydra override syntax)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = (ROOT / "Makefile").read_text()
+    (definition,) = re.findall(r"^SAMPLE_PARAMS :=((?:.*\\\n)*.*)$", text, flags=re.M)
+    words = shlex.split(definition.replace("\\\n", " "))
+    settings = [w for flag, w in zip(words, words[1:], strict=False) if flag == "-S"]
+    parsed = OverridesParser.create().parse_overrides(settings)
+    return {o.key_or_group: o.value() for o in parsed}
+
+
+CHECKED = ("model.name", "model.weights", "model.freeze_backbone", "data.image_size", "data.num_workers", "n_folds")
+CHECKED += ("epochs", "batch_size", "lr", "optimizer._target_", "seed", "split_seed")
+
+
+def test_params_yaml_is_the_own_data_defaults_of_conf() -> None:
+    """`dvc repro` on your own images trains what `python train.py` trains: no sample preset in params.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert "experiment" not in params["train"] and "experiment" not in params["train"]["overrides"]
+    pipeline = train_stage_config(params)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        plain = compose("config", overrides=["fold=0"])
+    assert {k: OmegaConf.select(pipeline, k) for k in CHECKED} == {k: OmegaConf.select(plain, k) for k in CHECKED}
+
+
+def test_the_makefile_runs_the_pipeline_with_the_sample_settings() -> None:
+    """`make demo-pipeline` (dvc exp run -S ...) trains what `python train.py experiment=sample` trains."""
+    from hydra import compose, initialize_config_dir
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in sample_params_of_the_makefile().items():
+        group, name = key.split(".")
+        assert name in params[group], f"-S {key} names no param"
+        params[group][name] = value
+    pipeline = train_stage_config(params)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        sample = compose("config", overrides=["fold=0", "experiment=sample"])
+    assert {k: OmegaConf.select(pipeline, k) for k in CHECKED} == {k: OmegaConf.select(sample, k) for k in CHECKED}
 
 
 def test_cv_report_refuses_folds_that_do_not_cover_n_folds(tmp_path: Path) -> None:
@@ -331,18 +404,24 @@ def test_mean_history_averages_each_epoch_over_the_folds_that_reached_it() -> No
 # dvc repro: the whole pipeline on tiny settings
 
 
+# Your own data's settings (params.yaml, logger: mlflow included) made tiny and offline.
 TINY_PARAMS = {
     "folds": [0, 1],
-    "logger": "none",
     "train": {
         "n_folds": 2,
+        "image_size": 32,
         "epochs": 1,
         "batch_size": 4,
-        "overrides": "++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false "
+        "overrides": "model.weights=null ++trainer.enable_progress_bar=false ++trainer.enable_model_summary=false "
         "callbacks.rich_progress_bar=null",
     },
     "test": {"batch_size": 8},
 }
+
+
+def tracking_env(repo: Path) -> dict[str, str]:
+    """The pipeline's MLflow store: a sqlite file next to the repository, named by the environment as a user would."""
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{repo.parent / 'mlflow.db'}"}
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +450,8 @@ def pipeline(data_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "tiny pipeline", cwd=repo)
-    return repo, run("dvc", "repro", cwd=repo).stdout
+    assert yaml.safe_load((repo / "params.yaml").read_text())["logger"] == "mlflow"  # as shipped
+    return repo, run("dvc", "repro", cwd=repo, env=tracking_env(repo)).stdout
 
 
 def test_dvc_repro_runs_every_stage_and_writes_the_cv_and_test_metrics(pipeline: tuple[Path, str]) -> None:
@@ -396,7 +476,29 @@ def test_dvc_repro_runs_every_stage_and_writes_the_cv_and_test_metrics(pipeline:
 def test_dvc_repro_again_has_nothing_to_do(pipeline: tuple[Path, str]) -> None:
     repo, _ = pipeline
     assert json.loads(run("dvc", "status", "--json", cwd=repo).stdout) == {}
-    assert "Running stage" not in run("dvc", "repro", cwd=repo).stdout
+    assert "Running stage" not in run("dvc", "repro", cwd=repo, env=tracking_env(repo)).stdout
+
+
+def test_dvc_repro_tracks_each_fold_and_the_test_in_mlflow(pipeline: tuple[Path, str]) -> None:
+    """With the shipped `logger: mlflow`, every train stage is a finished fold run and the test stage a test run."""
+    from mlflow import MlflowClient
+
+    from tests.test_tracking import runs_by_type
+
+    repo, _ = pipeline
+    client = MlflowClient(tracking_env(repo)["MLFLOW_TRACKING_URI"])
+    folds = {r.data.tags["fold"]: r for r in runs_by_type(client, "fold")}
+    assert sorted(folds) == ["0", "1"] and {r.info.status for r in folds.values()} == {"FINISHED"}
+    cv = json.loads((repo / "outputs/dvc/cv/metrics.json").read_text())
+    for k, fold_run in folds.items():
+        assert fold_run.data.metrics["best_val_accuracy"] == pytest.approx(cv[f"fold_{k}_best_val_accuracy"])
+        assert (
+            Path(fold_run.data.tags["hydra_output_dir"]).resolve() == (repo / f"outputs/dvc/train/fold_{k}").resolve()
+        )
+    test_run = max(runs_by_type(client, "test"), key=lambda r: r.info.start_time)  # `dvc exp run` may add one
+    assert test_run.info.status == "FINISHED" and test_run.data.tags["ckpt"] == "outputs/dvc/cv/best_model.pth"
+    test = json.loads((repo / "outputs/dvc/test/test_metrics.json").read_text())
+    assert test_run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
 
 
 def test_dvc_metrics_and_plots_show_the_pipeline_results(pipeline: tuple[Path, str]) -> None:
@@ -418,7 +520,9 @@ def test_dvc_metrics_and_plots_show_the_pipeline_results(pipeline: tuple[Path, s
 def test_dvc_exp_run_sets_a_param_and_exp_show_lists_it(pipeline: tuple[Path, str]) -> None:
     """A test-only param reruns the test stage alone; the experiment shows its params and metrics."""
     repo, _ = pipeline
-    out = run("dvc", "exp", "run", "-n", "small-batch", "-S", "test.batch_size=2", cwd=repo).stdout
+    out = run(
+        "dvc", "exp", "run", "-n", "small-batch", "-S", "test.batch_size=2", cwd=repo, env=tracking_env(repo)
+    ).stdout
     assert "Running stage 'test'" in out and "Running stage 'train" not in out
     shown = json.loads(run("dvc", "exp", "show", "--json", cwd=repo).stdout)
     experiments = [rev for entry in shown for exp in entry.get("experiments") or [] for rev in exp["revs"]]

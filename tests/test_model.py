@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -9,11 +11,48 @@ import pytest
 import torch
 import torchvision
 
-from src.data import FoldDataModule
+from src.data import FoldDataModule, build_transform, load_image, scan_image_folder
 from src.errors import UserError
-from src.model import ImageClassifier, build_network, load_model_file, save_model_file
+from src.features import cached_features
+from src.model import (
+    ImageClassifier,
+    _output_layer,
+    build_network,
+    load_model_file,
+    native_kwargs,
+    save_model_file,
+)
 
 CLASSES = ["cat", "dog", "fox"]
+SIZE_WORDS = {"tiny", "small", "base", "large"}
+# The smallest input each family accepts where 32 px is too small (vit and maxvit fix their image size);
+# squeezenet at 64 px keeps 3x3 maps, so its head has to rebuild them from the flat features.
+INPUT_SIZE = {"alexnet": 64, "inception_v3": 75, "maxvit": 224, "squeezenet": 64, "vit": 224}
+
+
+def family(name: str) -> str:
+    """`resnet18` -> resnet, `efficientnet_v2_s` -> efficientnet_v2, `wide_resnet50_2` -> wide_resnet."""
+    kept = []
+    for token in name.split("_"):
+        if re.fullmatch(r"v\d", token):
+            kept.append(token)
+            continue
+        stem = re.match(r"[a-z]*", token).group()
+        if len(stem) <= 1 or stem in SIZE_WORDS:
+            break
+        kept.append(stem)
+        if stem != token:  # a size number ends the family name
+            break
+    return "_".join(kept)
+
+
+def cheapest_of_each_family() -> list[str]:
+    """The member of every torchvision classification family with the fewest operations per image."""
+    cheapest: dict[str, tuple[float, str]] = {}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        ops = min((w.meta.get("_ops", math.inf) for w in torchvision.models.get_model_weights(name)), default=math.inf)
+        cheapest[family(name)] = min(cheapest.get(family(name), (math.inf, name)), (ops, name))
+    return sorted(name for _, name in cheapest.values())
 
 
 def fit_one_epoch(model: ImageClassifier, image_root: Path) -> None:
@@ -134,3 +173,70 @@ def test_unreadable_or_foreign_checkpoints_are_errors(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="holds no classes"):
         load_model_file(tmp_path / "other.pth")
+
+
+def test_families_are_grouped_by_name() -> None:
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert {family(n) for n in names} >= {"resnet", "resnext", "wide_resnet", "convnext", "efficientnet_v2", "vit"}
+    assert family("shufflenet_v2_x0_5") == "shufflenet_v2" and family("regnet_y_400mf") == "regnet"
+    assert family("vgg11_bn") == "vgg" and family("mobilenet_v3_large") == "mobilenet_v3"
+
+
+@pytest.mark.parametrize("name", cheapest_of_each_family())
+def test_every_torchvision_family_trains_on_images_and_cached_features(
+    name: str, image_root: Path, tmp_path: Path
+) -> None:
+    """One model per family, frozen: one step on images, one on cached features, the export loads into torchvision."""
+    torch.manual_seed(0)
+    size = INPUT_SIZE.get(family(name), 32)
+    model = ImageClassifier(name, CLASSES, image_size=size, freeze_backbone=True, weights=None)
+    root = image_root / "train"
+    paths = [scan_image_folder(root).paths[i] for i in (0, -1)]
+    targets = torch.tensor([0, len(CLASSES) - 1])
+    transform = build_transform(size)
+    images = torch.stack([transform(load_image(root / p)) for p in paths])
+    features, computed = cached_features(model.backbone, name, root, paths, transform, tmp_path / "cache", 2, 0)
+    assert computed == 2 and features.dtype == torch.float32 and features.shape[0] == 2 and features.ndim == 2
+
+    optimizer = model.configure_optimizers()
+    model.train()
+    for x in (images, features):
+        logits = model(x)
+        loss = model.criterion(logits, targets)
+        assert logits.shape == (2, len(CLASSES)) and torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # The frozen backbone did not change (its digest is part of the cache key), so nothing is computed again.
+    assert cached_features(model.backbone, name, root, paths, transform, tmp_path / "cache", 2, 0)[1] == 0
+
+    # Plain torchvision, given the exported file, computes from images what the head computes from cached features.
+    path = save_model_file(tmp_path / "m.pth", model.native_state_dict(), model.model_meta())
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    plain = torchvision.models.get_model(name, num_classes=len(CLASSES), **native_kwargs(name))
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(images), model.eval()(features), rtol=1e-4, atol=1e-5)
+
+
+def test_googlenet_trains_unfrozen_without_auxiliary_outputs(tmp_path: Path) -> None:
+    model = ImageClassifier("googlenet", CLASSES, image_size=32, freeze_backbone=False, weights=None)
+    assert model.backbone.aux1 is None and model.backbone.transform_input
+    assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, len(CLASSES))
+    # A torchvision file with auxiliary classifiers (as the pretrained weights have) still loads as a backbone.
+    reference = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    torch.save(reference.state_dict(), tmp_path / "googlenet.pth")
+    backbone, head, attr = build_network("googlenet", 3, str(tmp_path / "googlenet.pth"))
+    assert torch.equal(backbone.conv1.conv.weight, reference.conv1.conv.weight) and head.out_features == 3
+
+
+def test_a_head_without_an_output_layer_is_unsupported() -> None:
+    with pytest.raises(UserError, match="backbone 'mystery' is not supported") as err:
+        _output_layer(torch.nn.Sequential(torch.nn.ReLU()), "mystery")
+    assert "\n" not in str(err.value)
+
+
+def test_images_or_features_decide_the_path_and_anything_else_is_refused() -> None:
+    model = ImageClassifier("resnet18", CLASSES, image_size=32, freeze_backbone=True, weights=None).eval()
+    with pytest.raises(ValueError, match=r"\(N, D\), got a tensor of shape \(2, 512, 1\)"):
+        model(torch.zeros(2, 512, 1))

@@ -3,11 +3,15 @@ faults, parallel jobs, a real `mlflow server`, and the leaderboard."""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import statistics
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from src.leaderboard import collect, render
@@ -54,7 +58,9 @@ def sweep_store(image_root: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_each_configuration_is_one_parent_with_its_folds_nested(sweep_store: tuple[str, Path]) -> None:
     client = MlflowClient(sweep_store[0])
     parents = runs_by_type(client, "cv_parent")
-    assert sorted(p.info.run_name for p in parents) == ["resnet18 epochs=2 lr=0.0001", "resnet18 epochs=2 lr=0.001"]
+    names = sorted(p.info.run_name for p in parents)
+    assert re.fullmatch(r"resnet18 epochs=2 lr=0\.0001 #[0-9a-f]{6}", names[0]), names
+    assert re.fullmatch(r"resnet18 epochs=2 lr=0\.001 #[0-9a-f]{6}", names[1]), names
     for parent in parents:
         assert "fold" not in parent.data.params and parent.data.params["model.name"] == "resnet18"
         children = children_of(client, parent.info.run_id)
@@ -76,12 +82,21 @@ def test_each_configuration_is_one_parent_with_its_folds_nested(sweep_store: tup
                 "split_seed",
                 "seed",
                 "data.image_size",
+                "callbacks.model_checkpoint.monitor",
             ):
                 assert key in params, key
             assert params["lr"] == parent.data.params["lr"]
             tags = child.data.tags
             assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
             assert Path(tags["hydra_output_dir"]).is_dir() and tags["config_hash"] == parent.data.tags["config_hash"]
+            assert tags["data_version"] == parent.data.tags["data_version"] and len(tags["split_digest"]) == 16
+            (dataset,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+            assert dataset.dataset.digest in tags["data_version"] and dataset.dataset.name == "train"
+            assert any(k.startswith("system/cpu") for k in child.data.metrics)
+        # The parent spans its folds in the UI: it starts with the first and ends with the last.
+        assert parent.info.status == "FINISHED"
+        assert parent.info.start_time <= min(c.info.start_time for c in children)
+        assert parent.info.end_time == max(c.info.end_time for c in children)
 
 
 def test_parent_summarises_cross_validation(sweep_store: tuple[str, Path]) -> None:
@@ -118,19 +133,67 @@ def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path
         "reports/curves_accuracy.png",
         "reports/val_confusion_matrix.png",
         "reports/val_classification_report.txt",
+        "reports/val_predictions.csv",
+        "config/resolved_config.yaml",
         f"exported/cnn_resnet18_freeze_backbone_True_fold_{fold}.pth",
     }
     assert expected <= artifacts, expected - artifacts
+    # The exported artifact is this run's own file, written in its own folder; models/ holds a copy.
+    own = Path(child.data.tags["hydra_output_dir"]) / "model" / f"cnn_resnet18_freeze_backbone_True_fold_{fold}.pth"
+    local = client.download_artifacts(child.info.run_id, f"exported/{own.name}", str(sweep_store[1] / "dl"))
+    assert Path(local).read_bytes() == own.read_bytes()
+    saved = torch.load(own, weights_only=True)
+    assert saved["mlflow_run_id"] == child.info.run_id
+    assert not list((sweep_store[1] / "models").glob(".*.tmp"))
     models = client.search_logged_models(
         [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
     )
     assert len(models) == 1 and models[0].name == "model"
 
 
+def test_out_of_fold_predictions_cover_every_image_once(sweep_store: tuple[str, Path], image_root: Path) -> None:
+    client = MlflowClient(sweep_store[0])
+    n_images = len(list((image_root / "train").rglob("*.png")))
+    for parent in runs_by_type(client, "cv_parent"):
+        local = client.download_artifacts(parent.info.run_id, "oof/oof_predictions.csv", str(sweep_store[1] / "oof"))
+        with open(local, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["path"] for r in rows) == sorted(
+            p.relative_to(image_root / "train").as_posix() for p in (image_root / "train").rglob("*.png")
+        )
+        assert len(rows) == n_images and {r["fold"] for r in rows} == {"0", "1"}
+        correct = sum(r["true"] == r["predicted"] for r in rows) / len(rows)
+        m = parent.data.metrics
+        assert m["oof_accuracy"] == pytest.approx(correct)
+        assert {"oof_f1", "oof_balanced_accuracy", "oof_log_loss"} <= m.keys() and m["folds_missing"] == 0
+        probs = [[float(r[k]) for k in r if k.startswith("prob_")] for r in rows]
+        assert all(abs(sum(p) - 1) < 1e-6 for p in probs)
+        assert {"oof/oof_confusion_matrix.png", "oof/oof_classification_report.txt"} <= all_artifacts(
+            client, parent.info.run_id
+        )
+
+
 def test_registry_versions_and_champion_alias(sweep_store: tuple[str, Path]) -> None:
     client = MlflowClient(sweep_store[0], registry_uri=sweep_store[0])
-    versions = client.search_model_versions("name = 'resnet18_classifier'")
-    assert len(versions) == 4
+    every = client.search_model_versions("name = 'resnet18_classifier'")
+    versions = [v for v in every if v.tags["kind"] == "fold"]
+    ensembles = [v for v in every if v.tags["kind"] == "cv_ensemble"]
+    assert len(versions) == 4 and len(ensembles) == 2
+    parents = {p.info.run_id: p for p in runs_by_type(client, "cv_parent")}
+    for v in ensembles:
+        parent = parents[v.tags["parent_run_id"]]
+        assert v.run_id == parent.info.run_id
+        assert float(v.tags["oof_accuracy"]) == pytest.approx(parent.data.metrics["oof_accuracy"])
+        assert json.loads(v.tags["classes"]) == ["cat", "dog", "fox"]
+        assert v.tags["data_version"] == parent.data.tags["data_version"]
+    # The champion is a fold ensemble, the better one on out-of-fold accuracy (ties: lower fold spread).
+    champion = client.get_model_version_by_alias("resnet18_classifier", "champion")
+    assert champion.tags["kind"] == "cv_ensemble"
+    best = max(ensembles, key=lambda v: (float(v.tags["oof_accuracy"]), -float(v.tags["cv_std_val_accuracy"])))
+    assert (float(champion.tags["oof_accuracy"]), champion.tags["cv_std_val_accuracy"]) == (
+        float(best.tags["oof_accuracy"]),
+        best.tags["cv_std_val_accuracy"],
+    )
     fold_runs = {r.info.run_id: r for r in runs_by_type(client, "fold")}
     for v in versions:
         assert v.tags["run_id"] in fold_runs and v.run_id == v.tags["run_id"]
@@ -139,11 +202,6 @@ def test_registry_versions_and_champion_alias(sweep_store: tuple[str, Path]) -> 
         )
         assert v.tags["fold"] == fold_runs[v.run_id].data.tags["fold"]
         assert not v.current_stage or v.current_stage == "None"
-    champion = client.get_model_version_by_alias("resnet18_classifier", "champion")
-    top = max(float(v.tags["best_val_accuracy"]) for v in versions)
-    assert float(champion.tags["best_val_accuracy"]) == pytest.approx(top)
-    first_best = min(int(v.version) for v in versions if float(v.tags["best_val_accuracy"]) == top)
-    assert int(champion.version) == first_best  # moves only when beaten, not on ties
 
 
 def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[str, Path], image_root: Path) -> None:
@@ -192,7 +250,8 @@ def test_a_rerun_fold_joins_its_parent_and_replaces_the_fold(sweep_store: tuple[
     assert len(parents) == 3  # seed is part of the configuration: a new parent
     result = train(image_root, tmp / "rerun2", uri, "fold=0", "lr=1e-3", "epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    (parent,) = [p for p in runs_by_type(client, "cv_parent") if p.info.run_name == "resnet18 epochs=2 lr=0.001"]
+    parents = runs_by_type(client, "cv_parent")
+    (parent,) = [p for p in parents if p.info.run_name.startswith("resnet18 epochs=2 lr=0.001 #")]
     children = sorted(children_of(client, parent.info.run_id), key=lambda r: r.info.end_time)
     assert len(children) == 3 and children[-1].data.tags["fold"] == "0"
     parent = client.get_run(parent.info.run_id)
@@ -206,14 +265,21 @@ def test_leaderboard_ranks_runs_and_recommends_a_model(sweep_store: tuple[str, P
     folds, configs = collect(sweep_store[0], EXPERIMENT)
     scores = [row["best_val_accuracy"] for row in folds]
     assert scores == sorted(scores, reverse=True) and len(folds) >= 4
-    assert [c["cv_mean_val_accuracy"] for c in configs] == sorted(
-        (c["cv_mean_val_accuracy"] for c in configs), reverse=True
-    )
+    # Complete configurations first, by out-of-fold accuracy; incomplete ones after, by CV mean.
+    complete = [c for c in configs if c["oof_accuracy"] != ""]
+    assert configs[: len(complete)] == complete and len(complete) >= 2
+    assert [c["oof_accuracy"] for c in complete] == sorted((c["oof_accuracy"] for c in complete), reverse=True)
+    rest = [c["cv_mean_val_accuracy"] for c in configs[len(complete) :]]
+    assert rest == sorted(rest, reverse=True)
     csv_text = render(folds, configs, "csv", 20)
     assert csv_text.splitlines()[0].startswith("run_id,config,fold,best_val_accuracy")
     markdown = render(folds, configs, "markdown", 20)
     assert "| run_id |" in markdown and "Recommended model: " in markdown and folds[0]["run_id"] in markdown
-    assert "models:/resnet18_classifier/" in render(folds, configs, "table", 20)
+    best = configs[0]
+    assert best["oof_accuracy"] == max(c["oof_accuracy"] for c in configs if c["oof_accuracy"] != "")
+    table = render(folds, configs, "table", 20)
+    assert f"runs:/{best['parent_run_id']}" in table and "(fold ensemble)" in table
+    assert best["registered_model"].startswith("models:/resnet18_classifier/") and best["registered_model"] in table
 
 
 def test_a_crash_fails_its_fold_and_the_sweep_goes_on(image_root: Path, tmp_path: Path) -> None:
@@ -234,6 +300,12 @@ def test_a_crash_fails_its_fold_and_the_sweep_goes_on(image_root: Path, tmp_path
     assert status == {"0": "FAILED", "1": "FINISHED"}
     (parent,) = runs_by_type(client, "cv_parent")
     assert parent.data.metrics["folds_done"] == 1 and parent.data.metrics["best_fold"] == 1
+    # An incomplete configuration gets no out-of-fold metrics, no ensemble and never the champion.
+    assert parent.data.tags["folds_missing"] == "0" and "oof_accuracy" not in parent.data.metrics
+    assert "1 of 2 folds finished" in parent.data.tags["mlflow.note.content"]
+    versions = MlflowClient(uri, registry_uri=uri).search_model_versions("name = 'resnet18_classifier'")
+    assert [v.tags["kind"] for v in versions] == ["fold"]
+    assert not MlflowClient(uri, registry_uri=uri).get_registered_model("resnet18_classifier").aliases
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
@@ -245,8 +317,7 @@ def test_a_signal_mid_fold_leaves_it_killed(image_root: Path, tmp_path: Path, si
         uri,
         "fold=0",
         "epochs=3",
-        "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch",
-        f"+callbacks.stop.signum={signum}",
+        *(stop := ["+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch", f"+callbacks.stop.signum={signum}"]),
     )
     assert result.returncode != 0
     client = MlflowClient(uri)
@@ -254,6 +325,13 @@ def test_a_signal_mid_fold_leaves_it_killed(image_root: Path, tmp_path: Path, si
     assert run.info.status == "KILLED"
     (parent,) = runs_by_type(client, "cv_parent")
     assert "folds_done" not in parent.data.metrics
+    if signum == "SIGTERM":  # a checkpoint cut short by the kill: resuming says what to do in one line
+        (last,) = (tmp_path / "outputs").rglob("last.ckpt")
+        last.write_bytes(last.read_bytes()[:1000])
+        resumed = train(image_root, tmp_path, uri, "fold=0", "epochs=3", *stop, "resume=true")
+        assert resumed.returncode == 2, resumed.stderr[-3000:]
+        assert "Traceback" not in resumed.stderr and "resume=false" in resumed.stderr
+        assert len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
 
 
 def test_parallel_jobs_share_one_parent_in_sqlite(tmp_path: Path) -> None:
@@ -282,12 +360,17 @@ def test_parallel_jobs_share_one_parent_in_sqlite(tmp_path: Path) -> None:
     assert client.get_run(parent.info.run_id).data.metrics["folds_done"] == 2
 
 
-def test_tracking_server_with_proxied_artifacts_and_parallel_jobs(image_root: Path, tmp_path: Path) -> None:
+def test_tracking_server_with_proxied_artifacts_parallel_jobs_and_redacted_credentials(
+    image_root: Path, tmp_path: Path
+) -> None:
+    secret = "tok-s3cret"
     with mlflow_server(tmp_path) as uri:
+        # The server ignores the credentials; the point is that they never reach the records or the logs.
+        secret_uri = uri.replace("http://", f"http://alice:{secret}@")
         result = train(
             image_root,
             tmp_path,
-            uri,
+            secret_uri,
             "fold=0,1",
             "epochs=1",
             "hydra/launcher=joblib",
@@ -306,12 +389,22 @@ def test_tracking_server_with_proxied_artifacts_and_parallel_jobs(image_root: Pa
         tested = run_cli(
             "test.py",
             "ckpt=models:/resnet18_classifier@champion",
-            f"logger.tracking_uri={uri}",
+            f"logger.tracking_uri={secret_uri}",
             f"data.test_dir={image_root / 'test'}",
             f"hydra.run.dir={tmp_path / 'test'}",
         )
         assert tested.returncode == 0, tested.stderr[-3000:]
         assert len(runs_by_type(client, "test")) == 1
+        assert "alice:***@" in client.get_run(children[0].info.run_id).data.params["logger.tracking_uri"]
+        for run in [parent, *children, *runs_by_type(client, "test")]:
+            record = client.get_run(run.info.run_id).data
+            assert secret not in json.dumps([record.params, record.tags])
+        stored = [p.read_text(errors="ignore") for p in (tmp_path / "mlartifacts").rglob("*.yaml")]
+        assert stored and not any(secret in text for text in stored)
+        for output in (result, tested):
+            assert secret not in output.stdout + output.stderr
+        for log in (tmp_path / "multirun").rglob("*.log"):
+            assert secret not in log.read_text()
 
 
 def test_a_server_that_is_down_fails_before_training(image_root: Path, tmp_path: Path) -> None:

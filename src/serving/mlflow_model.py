@@ -1,0 +1,105 @@
+"""Log k fold model files as one MLflow pyfunc model (models-from-code) and find such a model after download."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from src.serving import ensemble_model
+from src.serving.ensemble_model import CONFIG_FILE, KIND, PROB_PREFIX, save_ensemble
+
+ARTIFACT = "ensemble"  # the key (and folder under artifacts/) of the ensemble folder inside the MLflow model
+REQUIREMENTS = ("torch", "torchvision", "pillow", "pandas", "numpy")
+
+
+def pip_requirements() -> list[str]:
+    """The model file's imports, pinned to the installed versions (local build tags such as +cu130 dropped);
+    MLflow adds its own pin."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def example_frame(size: int = 8) -> Any:
+    """A one-row input: a small grey PNG, base64-encoded, as a client sends it."""
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def signature(classes: Sequence[str]) -> Any:
+    """Input: `image` (base64 string) or `path`, each optional; output: predicted, confidence, prob_<class>."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema(
+        [
+            ColSpec("string", "predicted"),
+            ColSpec("double", "confidence"),
+            *(ColSpec("double", f"{PROB_PREFIX}{name}") for name in classes),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _as_model_file(path: Path, staging: Path, i: int) -> Path:
+    """A torchvision-layout .pth for `path`: itself, or a Lightning .ckpt converted (read through src.model)."""
+    from src.model import load_model_file, save_model_file
+
+    net, meta = load_model_file(path)  # UserError with a hint for a missing or unreadable file
+    if path.suffix == ".pth":
+        return path
+    return save_model_file(staging / f"converted_{i}.pth", net.state_dict(), meta)
+
+
+def log_ensemble_model(
+    model_files: Sequence[str | Path], *, tta: str = "none", temperature: float = 1.0, name: str = "ensemble"
+) -> Any:
+    """Log the fold models as one MLflow model `name` on the active run; return its ModelInfo.
+
+    Call it inside `mlflow.start_run(run_id=...)` (the configuration's parent run). The model is the
+    self-contained src/serving/ensemble_model.py with the files under artifacts/ensemble/ (ensemble.json and
+    model_<i>.pth); one file makes an ensemble of one. Register it with `mlflow.register_model(info.model_uri, ...)`.
+    """
+    import mlflow
+
+    from src.errors import UserError
+    from src.model import native_kwargs
+
+    if mlflow.active_run() is None:
+        raise UserError("log_ensemble_model needs an active MLflow run: call it inside mlflow.start_run(run_id=...)")
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
+        files = [_as_model_file(Path(p), staging, i) for i, p in enumerate(model_files)]
+        try:
+            config = save_ensemble(
+                staging / ARTIFACT, files, tta=tta, temperature=temperature, network_kwargs=native_kwargs
+            )
+        except ValueError as err:
+            raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err
+        metadata = {k: config[k] for k in ("classes", "backbone", "preprocessing", "tta", "temperature")}
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ensemble_model.__file__,
+            artifacts={ARTIFACT: str(staging / ARTIFACT)},
+            signature=signature(config["classes"]),
+            input_example=example_frame(),
+            pip_requirements=pip_requirements(),
+            metadata={"kind": KIND, "n_models": len(files), **metadata},
+        )
+
+
+def ensemble_dir(model_dir: str | Path) -> Path | None:
+    """The ensemble folder inside a downloaded MLflow model (or the folder itself), if it is one of ours."""
+    model_dir = Path(model_dir)
+    for candidate in (model_dir / "artifacts" / ARTIFACT, model_dir):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    return None

@@ -1,0 +1,136 @@
+"""The MLflow store: which URI, one client per URI, a lock for parallel jobs, and credentials kept out of sight."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.errors import UserError
+
+# `scheme://user:secret@host` -> `scheme://user:***@host`; also a bare `scheme://token@host`, and the
+# escaped form Hydra writes into a sweep's override files (`http\://user\:secret@host`).
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*\\?://)(?P<user>[^:/@\s\\]+)(?:(?P<sep>\\?:)(?P<secret>[^@/\s]*))?@"
+)
+
+
+def redact(text: str) -> str:
+    """Hide the password (or token) of every URI in `text`; the user name and host stay readable."""
+
+    def hide(match: re.Match[str]) -> str:
+        if match.group("secret") is None:  # https://token@host: the user part is the secret
+            return f"{match.group('scheme')}***@"
+        return f"{match.group('scheme')}{match.group('user')}{match.group('sep')}***@"
+
+    return _CREDENTIALS.sub(hide, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter (wired into Hydra's job and launcher logging) that redacts URIs with credentials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db as an absolute path (Hydra's output folders
+    must not each get a store of their own)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """`logger.tracking_uri`, else the default above."""
+    return OmegaConf.select(cfg, "logger.tracking_uri") or default_tracking_uri()
+
+
+def use(uri: str) -> None:
+    """Point MLflow's fluent API (log_model, register_model, artifacts) at `uri`."""
+    import mlflow
+
+    if redact(uri) != uri:  # MLflow prints "View run ... at: <uri>" with the credentials in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@functools.cache
+def client(uri: str) -> Any:
+    """One client per store. Creating it creates a new sqlite store's tables, so parallel jobs take turns."""
+    from mlflow import MlflowClient
+
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any training when an HTTP tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(
+            f"MLflow tracking server {redact(uri)} is not reachable ({type(err).__name__}); start it with "
+            f"`mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts "
+            f"--host 127.0.0.1 --port 5000`, or run with logger=none"
+        ) from err
+
+
+def lock_path(uri: str) -> Path:
+    """Next to a sqlite database; for any other store in a per-user folder no other user can hold."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///") + ".lock")
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "image-classification" / "locks"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return base / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@functools.cache
+def _file_lock(path: str) -> Any:
+    """One lock object per file: it is re-entrant, so code holding the lock may call code that takes it."""
+    from filelock import FileLock
+
+    return FileLock(path, timeout=600)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """One process at a time creates parents, writes summaries and moves aliases in a store.
+
+    Parallel jobs on one machine (joblib launcher, several shells) share the lock file.
+    """
+    with _file_lock(str(lock_path(uri))):
+        yield
+
+
+def experiment_id(mlflow_client: Any, name: str) -> str:
+    """The id of experiment `name`, created on first use."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(name)
+        except MlflowException:  # created by a parallel job in the meantime
+            experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(
+            f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) "
+            f"or pick another logger.experiment_name"
+        )
+    return experiment.experiment_id

@@ -1,0 +1,140 @@
+"""Evaluation: one definition of the macro averages in the metrics and the report, readable confusion
+matrices for many classes with long names, and the CSV files the runs and the CV report share."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from src.evaluation import (
+    Predictions,
+    class_report,
+    confusion_counts,
+    confusion_matrix_figure,
+    plot_confusion_matrix,
+    read_csv,
+    summary_metrics,
+    write_csv,
+)
+
+CLASSES = ["cat", "dog", "fox", "owl"]
+
+
+def predictions(targets: list[int], predicted: list[int], num_classes: int = len(CLASSES)) -> Predictions:
+    """Logits whose argmax is `predicted`."""
+    return Predictions(torch.tensor(targets), torch.nn.functional.one_hot(torch.tensor(predicted), num_classes) * 4.0)
+
+
+def report_macro(text: str) -> list[float]:
+    (line,) = [line for line in text.splitlines() if line.strip().startswith("macro avg ")]
+    return [float(v) for v in line.split()[2:5]]
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning")
+@pytest.mark.parametrize(
+    "predicted",
+    [
+        [0, 0, 0, 1, 1, 2, 2, 2],  # owl has no test images and is never predicted: a perfect model
+        [0, 0, 3, 1, 0, 2, 2, 1],  # owl has no test images but is predicted once
+    ],
+)
+def test_a_class_without_test_images_counts_the_same_in_metrics_and_report(predicted: list[int]) -> None:
+    targets = [0, 0, 0, 1, 1, 2, 2, 2]
+    pred = predictions(targets, predicted)
+    metrics = summary_metrics(pred, len(CLASSES))
+    text, report = class_report(pred, CLASSES)
+
+    macro = report["macro avg"]
+    assert metrics["f1"] == pytest.approx(macro["f1-score"])
+    assert metrics["precision"] == pytest.approx(macro["precision"])
+    assert metrics["recall"] == pytest.approx(macro["recall"]) == pytest.approx(metrics["balanced_accuracy"])
+    assert report_macro(text) == pytest.approx([macro["precision"], macro["recall"], macro["f1-score"]], abs=1e-4)
+    # The stated definition: the mean over the classes that have images in the set (scikit-learn's own
+    # balanced accuracy, and its macro scores restricted to those labels).
+    present = sorted(set(targets))
+    assert metrics["f1"] == pytest.approx(f1_score(targets, predicted, labels=present, average="macro"))
+    assert metrics["precision"] == pytest.approx(
+        precision_score(targets, predicted, labels=present, average="macro", zero_division=0)
+    )
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predicted))
+    assert metrics["accuracy"] == pytest.approx(np.mean(np.equal(targets, predicted)))
+    # The absent class is still listed, with support 0, and the report says why it is not averaged.
+    assert report["owl"]["support"] == 0 and "no images of owl" in text
+    if predicted[2] == 0:
+        assert metrics["f1"] == 1.0 and macro["f1-score"] == 1.0
+
+
+def test_with_every_class_present_the_metrics_match_the_epoch_metrics() -> None:
+    """Validation folds are stratified, so every class is there: the per-epoch torchmetrics values agree."""
+    rng = np.random.default_rng(0)
+    targets = np.repeat(np.arange(4), 5)
+    predicted = np.where(rng.random(20) < 0.6, targets, rng.integers(0, 4, 20))
+    pred = predictions(targets.tolist(), predicted.tolist())
+    metrics = summary_metrics(pred, 4)
+    assert metrics["f1"] == pytest.approx(multiclass_f1_score(pred.logits, pred.targets, 4, average="macro").item())
+    assert metrics["balanced_accuracy"] == pytest.approx(
+        multiclass_accuracy(pred.logits, pred.targets, 4, average="macro").item()
+    )
+    assert metrics["recall"] == pytest.approx(recall_score(targets, predicted, average="macro"))
+    _, report = class_report(pred, CLASSES)
+    assert report["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert confusion_counts(pred, 4).sum() == 20 and np.trace(confusion_counts(pred, 4)) == (targets == predicted).sum()
+
+
+LONG_WORDS = ["immunohistochemistry", "hubble_deep_field", "electron_micrograph", "x"]
+
+
+def class_names(n: int) -> list[str]:
+    return [f"{LONG_WORDS[i % len(LONG_WORDS)]}_{i}" for i in range(n)]
+
+
+def assert_labels_readable(fig) -> None:
+    """Tick labels: none overlaps another on its axis, all lie inside the figure, in a readable size."""
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    page = fig.bbox
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        labels = [label for label in labels if label.get_text()]
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        for label, box in zip(labels, boxes, strict=True):
+            assert label.get_fontsize() >= 6
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, label
+        for (a, box_a), (b, box_b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
+            assert not box_a.overlaps(box_b), (a.get_text(), b.get_text())
+    title = ax.title.get_window_extent(renderer)
+    assert page.x0 <= title.x0 and title.x1 <= page.x1 and title.y1 <= page.y1
+
+
+@pytest.mark.parametrize("n", [2, 12, 40, 100])
+def test_confusion_matrix_labels_stay_apart_and_inside_for_up_to_100_long_names(n: int, tmp_path: Path) -> None:
+    classes = class_names(n)
+    rng = np.random.default_rng(n)
+    targets = np.repeat(np.arange(n), 3)
+    predicted = np.where(rng.random(targets.size) < 0.7, targets, rng.integers(0, n, targets.size))
+    pred = predictions(targets.tolist(), predicted.tolist(), n)
+    title = "resnet18 fold 0 (validation)"
+
+    fig = confusion_matrix_figure(confusion_counts(pred, n), classes, title)
+    fig.canvas.draw()
+    assert_labels_readable(fig)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == classes  # whole names, none dropped
+
+    path = plot_confusion_matrix(pred, classes, tmp_path / "cm.png", title)
+    assert path.stat().st_size < 2_000_000
+    with Image.open(path) as image:
+        assert np.allclose(image.size, fig.get_size_inches() * fig.dpi, atol=1)  # the figure that was checked
+
+
+def test_csv_rows_round_trip_with_missing_cells(tmp_path: Path) -> None:
+    """history.csv: a metric missing in one epoch is an empty cell, read back as absent from that row."""
+    rows = [{"epoch": 0, "train_loss": 1.5}, {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5}]
+    path = write_csv(rows, tmp_path / "sub" / "history.csv")
+    assert path.read_text().splitlines() == ["epoch,train_loss,val_loss", "0,1.5,", "1,1.0,0.5"]
+    assert read_csv(path) == [{"epoch": 0.0, "train_loss": 1.5}, {"epoch": 1.0, "train_loss": 1.0, "val_loss": 0.5}]
