@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo demo-pipeline test lint clean-runs
+.PHONY: install data demo demo-pipeline figures test lint clean-runs
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ SAMPLE_PARAMS := -S "train.overrides='experiment=sample'" -S train.freeze_backbo
 
 demo-pipeline: data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run $(SAMPLE_PARAMS)
+
+# README pictures: the error analysis of the champion that `make demo` trained on the digits.
+figures: install
+	$(PY) -m src.analysis models:/resnet18_classifier@champion --out docs/what-went-wrong
+	cp docs/what-went-wrong/top_losses.png docs/what-went-wrong/reliability.png docs/
+	rm -r docs/what-went-wrong
 
 test: install
 	$(PY) -m pytest -q

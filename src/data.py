@@ -7,6 +7,7 @@ any machine.
 
 from __future__ import annotations
 
+import csv
 import logging
 import multiprocessing
 import os
@@ -125,9 +126,18 @@ def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFo
     return ImageFolder(root, classes, paths, np.asarray(targets, dtype=np.int64), skipped)
 
 
-def assign_folds(targets: np.ndarray, classes: Sequence[str], n_folds: int, split_seed: int) -> np.ndarray:
-    """Fold index of every sample from scikit-learn's StratifiedKFold."""
-    from sklearn.model_selection import StratifiedKFold
+def assign_folds(
+    targets: np.ndarray,
+    classes: Sequence[str],
+    n_folds: int,
+    split_seed: int,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fold index of every sample from scikit-learn's StratifiedKFold, or StratifiedGroupKFold with `groups`.
+
+    Without groups the split is the one this project always made; with them a group never straddles folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if n_folds < 2:
         raise UserError(f"n_folds={n_folds} must be at least 2")
@@ -139,10 +149,75 @@ def assign_folds(targets: np.ndarray, classes: Sequence[str], n_folds: int, spli
             f"add images or lower n_folds"
         )
     folds = np.empty(len(targets), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=split_seed)
-    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(targets)), targets)):
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=split_seed)
+        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(targets)), targets)):
+            folds[val_idx] = k
+        return folds
+    n_groups = len(np.unique(groups))
+    if n_groups < n_folds:
+        raise UserError(f"data.groups gives {n_groups} groups, fewer than n_folds={n_folds}; lower n_folds")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=split_seed)
+    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(targets)), targets, groups)):
         folds[val_idx] = k
     return folds
+
+
+def read_groups(path: str | Path, images: ImageFolder) -> np.ndarray:
+    """The group of every training image from a CSV with the columns path,group (paths relative to the
+    training folder, as in split.csv, or absolute); rows for other files are ignored."""
+    file, root = Path(path), images.root.resolve()
+    fix = "give a CSV with the header path,group and one row per image of data.train_dir, or data.groups=auto"
+    if not file.is_file():
+        raise UserError(f"data.groups={path} does not exist; {fix}")
+    groups: dict[str, str] = {}
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"path", "group"} <= set(reader.fieldnames or []):
+                raise UserError(f"data.groups={path} has no path and group columns in its first line; {fix}")
+            for line, row in enumerate(reader, start=2):
+                rel, group = (row.get("path") or "").strip(), (row.get("group") or "").strip()
+                if not rel or not group:
+                    raise UserError(f"data.groups={path} line {line} lacks a path or a group; {fix}")
+                resolved = Path(rel).resolve()  # absolute, or relative to the current folder (data/train/...)
+                rel = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else Path(rel).as_posix()
+                if groups.setdefault(rel, group) != group:
+                    raise UserError(
+                        f"data.groups={path} line {line} gives {rel} a second group; keep one path,group row per image"
+                    )
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise UserError(f"data.groups={path} is not a readable CSV ({err}); {fix}") from None
+    missing = [p for p in images.paths if p not in groups]
+    if missing:
+        raise UserError(
+            f"data.groups={path} has no group for {len(missing)} of the {len(images.paths)} images in "
+            f"{images.root} (e.g. {missing[0]}); add a path,group row for each, paths relative to data.train_dir"
+        )
+    return np.asarray([groups[p] for p in images.paths])
+
+
+def resolve_groups(
+    groups: str | None, images: ImageFolder, near_duplicate_distance: int = 4, cache_dir: str | Path | None = None
+) -> np.ndarray | None:
+    """`data.groups`: null (no groups), `auto` (exact and near-duplicate images grouped) or a path,group CSV."""
+    if groups is None:
+        return None
+    if str(groups) == "auto":
+        from src.analysis.duplicates import duplicate_groups
+
+        labels = duplicate_groups(images, near_duplicate_distance, cache_dir)
+    else:
+        labels = read_groups(groups, images)
+    _, sizes = np.unique(labels, return_counts=True)
+    log.info(
+        "data.groups=%s: %d images in %d groups (%d images share a group); StratifiedGroupKFold keeps each in one fold",
+        groups,
+        len(labels),
+        len(sizes),
+        int(sizes[sizes > 1].sum()),
+    )
+    return labels
 
 
 def build_transform(
@@ -240,7 +315,7 @@ def make_loader(
 
 
 class FoldDataModule(L.LightningDataModule):
-    """Train on every fold but `fold`, validate on `fold`, of a stratified k-fold split."""
+    """Train on every fold but `fold`, validate on `fold`, of a stratified k-fold split (grouped with `groups`)."""
 
     def __init__(
         self,
@@ -255,6 +330,9 @@ class FoldDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | str = "auto",
         features: torch.Tensor | None = None,
+        groups: str | None = None,
+        near_duplicate_distance: int = 4,
+        hash_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(fold, int) or not 0 <= fold < n_folds:
@@ -268,11 +346,15 @@ class FoldDataModule(L.LightningDataModule):
         self.folds: np.ndarray | None = None
         # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
         self.features: torch.Tensor | None = features
+        # data.groups: null, `auto` or a path,group CSV (resolve_groups); auto hashes images, cached by file sha256.
+        self.groups, self.near_duplicate_distance, self.hash_cache_dir = groups, near_duplicate_distance, hash_cache_dir
 
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:
-            self.images = scan_image_folder(self.train_dir)
-            self.folds = assign_folds(self.images.targets, self.images.classes, self.n_folds, self.split_seed)
+            images = scan_image_folder(self.train_dir)
+            groups = resolve_groups(self.groups, images, self.near_duplicate_distance, self.hash_cache_dir)
+            self.folds = assign_folds(images.targets, images.classes, self.n_folds, self.split_seed, groups)
+            self.images = images
 
     @property
     def classes(self) -> list[str]:

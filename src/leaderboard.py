@@ -1,6 +1,7 @@
-"""Leaderboard: fold runs sorted by best_val_accuracy, each configuration's CV mean ± std and out-of-fold
-accuracy, and the recommended model (the best complete configuration's fold ensemble), the way the seed
-report's "Results & Analysis" read them off the MLflow UI.
+"""Leaderboard: fold runs sorted by best_val_accuracy, each configuration's CV mean ± std with a 95% interval and
+out-of-fold accuracy, each configuration against the top one fold by fold (Nadeau–Bengio corrected t-test,
+src/analysis/comparison.py), and the recommended model (the best complete configuration's fold ensemble), the way
+the seed report's "Results & Analysis" read them off the MLflow UI.
 
     python -m src.leaderboard [--experiment pytorch-classification] [--format table|csv|markdown] [--top 20]
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
+import re
 import sys
 from typing import Any
 
+from src.analysis.comparison import TEST_NAME, compare, cv_interval, verdict
 from src.errors import UserError
 from src.tracking import PARENT_TAG, RUN_TYPE_TAG, check_reachable
 
@@ -33,10 +37,19 @@ CONFIG_COLUMNS = [
     "folds_done",
     "folds_missing",
     "cv_mean_val_accuracy",
+    "ci95",
     "cv_std_val_accuracy",
     "oof_accuracy",
     "best_fold",
+    "diff_vs_top",
+    "p_vs_top",
 ]
+FOLD_METRIC = re.compile(r"fold_(\d+)_best_val_accuracy")
+CI_NOTE = (
+    "ci95: t-interval of the CV mean with the Nadeau–Bengio corrected variance (1/k + 1/(k-1))·s², wider than "
+    "s²/k because folds share training images; diff_vs_top: mean per-fold best_val_accuracy minus the top "
+    f"configuration's over their shared folds, p: {TEST_NAME}."
+)
 
 
 def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -86,6 +99,9 @@ def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[
             "oof_accuracy": r.data.metrics.get("oof_accuracy", ""),
             "registered_model": r.data.tags.get("registered_model", ""),
             "ensemble_model_uri": r.data.tags.get("ensemble_model_uri", ""),
+            "data_version": r.data.tags.get("data_version", ""),
+            "split_digest": r.data.tags.get("split_digest", ""),
+            "fold_scores": {int(m.group(1)): v for k, v in r.data.metrics.items() if (m := FOLD_METRIC.fullmatch(k))},
         }
         for run_id, r in parents.items()
         if "cv_mean_val_accuracy" in r.data.metrics
@@ -99,7 +115,40 @@ def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[
         ),
         reverse=True,
     )
-    return folds, configs
+    return folds, with_comparisons(configs)
+
+
+def with_comparisons(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each configuration's 95% interval (`ci95`) and, against the first (top) one, the paired per-fold
+    difference (`diff_vs_top`) and its p-value (`p_vs_top`), or why they cannot be compared."""
+    top = configs[0] if configs else None
+    for row in configs:
+        low, high = cv_interval([row["fold_scores"][k] for k in sorted(row["fold_scores"])])
+        row["ci95_low"], row["ci95_high"] = low, high
+        row["ci95"] = "" if math.isnan(low) else f"{low:.4f} – {high:.4f}"
+        row["diff_vs_top"] = row["p_vs_top"] = ""
+        row["comparison"] = None
+        if row is top:
+            continue
+        row["comparison"] = comparison = compare(top["fold_scores"], row["fold_scores"], same_split(top, row))
+        if comparison.test is None:
+            row["diff_vs_top"] = comparison.reason
+        else:
+            p = comparison.test.p
+            row["diff_vs_top"], row["p_vs_top"] = comparison.test.difference, "n/a: no spread" if math.isnan(p) else p
+    return configs
+
+
+def same_split(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Folds of the same images: the same data version and split digest (the parents' tags)."""
+    return all(a[key] and a[key] == b[key] for key in ("data_version", "split_digest"))
+
+
+def top_two(configs: list[dict[str, Any]]) -> str:
+    """Whether the top two configurations are distinguishable, in words; empty with fewer than two."""
+    if len(configs) < 2:
+        return ""
+    return verdict(configs[0]["config"], configs[1]["config"], configs[1]["comparison"])
 
 
 def recommendation(configs: list[dict[str, Any]]) -> str:
@@ -124,6 +173,8 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
     """The two tables and the recommendation as plain text, CSV or Markdown."""
     folds = folds[:top]
     recommended = recommendation(configs)
+    sentence = top_two(configs)
+    recommended = f"{sentence}\n{recommended}" if sentence else recommended
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=[*FOLD_COLUMNS, "model_file", "registered_model"])
@@ -142,7 +193,7 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
             + table(folds, FOLD_COLUMNS)
             + "\n\n## Configurations by cross-validation mean\n\n"
             + table(configs, CONFIG_COLUMNS)
-            + f"\n\n{recommended}\n"
+            + f"\n\n{CI_NOTE}\n\n{recommended}\n"
         )
     from rich.console import Console
     from rich.table import Table
@@ -154,19 +205,24 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
     for row in folds:
         fold_table.add_row(*(_fmt(row[c]) for c in FOLD_COLUMNS))
     config_table = Table(title="Configurations: mean ± std over folds")
-    for column in ("config", "folds_done", "cv_mean ± std", "oof_accuracy", "best_fold", "parent_run_id"):
+    columns = ("config", "folds_done", "cv_mean ± std", "ci95", "oof_accuracy", "best_fold", "diff_vs_top", "p")
+    for column in (*columns, "parent_run_id"):
         config_table.add_column(column)
     for row in configs:
         config_table.add_row(
             row["config"],
             f"{row['folds_done']}" + (f" ({row['folds_missing']} missing)" if row["folds_missing"] else ""),
             f"{row['cv_mean_val_accuracy']:.4f} ± {row['cv_std_val_accuracy']:.4f}",
+            row["ci95"],
             _fmt(row["oof_accuracy"]),
             str(row["best_fold"]),
+            f"{row['diff_vs_top']:+.4f}" if isinstance(row["diff_vs_top"], float) else row["diff_vs_top"],
+            _fmt(row["p_vs_top"]),
             row["parent_run_id"],
         )
     console.print(fold_table)
     console.print(config_table)
+    console.print(CI_NOTE)
     console.print(recommended)
     return console.file.getvalue()
 

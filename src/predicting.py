@@ -224,6 +224,30 @@ def _skipped_warning(skipped: list[str], what: str) -> None:
         log.warning("skipped %d files in %s that are hidden, not images, or unreadable: %s", len(skipped), what, shown)
 
 
+def _explain(model: LoadedModel, paths: list[Path], predicted: list[int], rows: list[dict], cfg: DictConfig) -> None:
+    """Write a Grad-CAM overlay of the predicted class for the first `explain_max` images to `explain/`, and its
+    file name into their rows (an ensemble shows the mean of its networks' maps)."""
+    from PIL import Image
+
+    from src.analysis.cam import explain
+
+    if model.is_onnx:
+        raise UserError("explain=true needs the PyTorch networks; pass the .pth or MLflow model, not the ONNX file")
+    limit = int(cfg.explain_max)
+    folder = Path(cfg.paths.output_dir) / "explain"
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, min(limit, len(paths)), 16):
+        chunk = range(start, min(start + 16, limit, len(paths)))
+        pictures = explain(model.nets, model.preprocessing, [paths[i] for i in chunk], [predicted[i] for i in chunk])
+        for i, picture in zip(chunk, pictures, strict=True):
+            name = f"{i:04d}_{paths[i].stem}_{model.classes[predicted[i]]}.png"
+            Image.fromarray((picture * 255).round().astype("uint8") if picture.dtype != "uint8" else picture).save(
+                folder / name
+            )
+            rows[i]["explanation"] = f"explain/{name}"
+    log.info("class-activation overlays of %d images in %s", min(limit, len(paths)), folder)
+
+
 def predict(cfg: DictConfig) -> Path:
     """Predict every image that `cfg.input` names; write predictions.csv to the run folder and return its path."""
     from src.data import resolve_num_workers
@@ -252,6 +276,8 @@ def predict(cfg: DictConfig) -> Path:
         for rank, (p, k) in enumerate(zip(ps, ks, strict=True), 1):
             row[f"top{rank}"], row[f"top{rank}_prob"] = predictor.classes[k], round(p, 6)
         rows.append(row)
+    if OmegaConf.select(cfg, "explain", default=False):
+        _explain(model, [images[i] for i in result.indices], top_i[:, 0].tolist(), rows, cfg)
     out = write_csv(rows, Path(cfg.paths.output_dir) / "predictions.csv")
     n_models = len(predictor.nets)
     print(

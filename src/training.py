@@ -86,6 +86,9 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
         hflip=d.hflip,
         batch_size=cfg.batch_size,
         num_workers=resolve_num_workers(d.num_workers, parallel_jobs()),
+        groups=d.groups,
+        near_duplicate_distance=d.near_duplicate_distance,
+        hash_cache_dir=cfg.feature_cache_dir,
     )
 
 
@@ -205,9 +208,7 @@ def data_identity(cfg: DictConfig, datamodule: FoldDataModule) -> dict[str, str]
     return training_data(images.root, images.paths, labels, datamodule.split_rows())
 
 
-def _resume_point(
-    cfg: DictConfig, fold: int, data: dict[str, str]
-) -> tuple[str | None, str | None, str | None]:
+def _resume_point(cfg: DictConfig, fold: int, data: dict[str, str]) -> tuple[str | None, str | None, str | None]:
     """(checkpoint, MLflow run id, output folder) to continue, for `resume=true` or `ckpt_path=`.
 
     Every DDP process asks, so all of them start from the same checkpoint.
@@ -246,6 +247,17 @@ def train_fold(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, fold)
     datamodule.setup()
+    if rank_zero and cfg.data.audit_duplicates:  # duplicates across folds or shared with test inflate scores
+        from src.analysis.duplicates import audit_duplicates
+
+        audit_duplicates(
+            datamodule.images,
+            datamodule.folds,
+            cfg.data.test_dir,
+            cfg.paths.output_dir,
+            cfg.data.near_duplicate_distance,
+            cfg.feature_cache_dir,
+        )
     model = build_model(cfg, datamodule.classes)
     attach_cached_features(cfg, model, datamodule)  # frozen backbone: train the head on cached features (#5)
     trainable, total = model.parameter_counts()

@@ -29,13 +29,14 @@ class CrashAfterFirstEpoch(L.Callback):
 
 class SignalAfterFirstEpoch(L.Callback):
     """Sends this process `signum` once the first epoch (and its checkpoint) is done, as Ctrl-C (SIGINT)
-    or a scheduler (SIGTERM) would."""
+    or a scheduler (SIGTERM) would. A run resumed from a checkpoint is left alone: the callback is part of the
+    configuration, so resuming the same configuration keeps it."""
 
     def __init__(self, signum: str = "SIGTERM") -> None:
         self.signum = getattr(signal, signum)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == 1:
+        if trainer.current_epoch == 1 and trainer.ckpt_path is None:
             os.kill(os.getpid(), self.signum)
             time.sleep(5)  # the signal arrives while the fold is still running
 

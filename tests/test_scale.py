@@ -124,14 +124,13 @@ def test_optuna_searches_the_cv_mean_and_tags_the_best_trial(image_root: Path, t
 
 def test_resume_continues_a_killed_fold_in_the_same_run(image_root: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    killed = train(
-        image_root, tmp_path, uri, "fold=0", "epochs=3", "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch"
-    )
+    stop = "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch"
+    killed = train(image_root, tmp_path, uri, "fold=0", "epochs=3", stop)
     assert killed.returncode != 0
     client = MlflowClient(uri)
     (run,) = runs_by_type(client, "fold")
     assert run.info.status == "KILLED"
-    resumed = train(image_root, tmp_path / "again", uri, "fold=0", "epochs=3", "resume=true")
+    resumed = train(image_root, tmp_path / "again", uri, "fold=0", "epochs=3", stop, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (run,) = runs_by_type(client, "fold")
     assert run.info.status == "FINISHED"

@@ -380,6 +380,14 @@ def test_predict_py_on_a_messy_folder_skips_bad_files_with_one_warning(
     warnings = [line for line in output.splitlines() if "skipped" in line]
     assert len(warnings) == 1 and all(str(p) in warnings[0] for p in bad), output
     assert f"{tmp_path / 'out' / 'predictions.csv'}" in result.stdout
+    # explain=true: a class-activation overlay for the first explain_max images, named in their rows
+    out = tmp_path / "explained"
+    result = run_cli("predict.py", *common, f"input={photos}", "explain=true", "explain_max=2", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out / "predictions.csv")
+    assert [bool(r["explanation"]) for r in rows] == [True, True, False]
+    for row in rows[:2]:
+        assert Image.open(out / row["explanation"]).size == (32, 32)
 
     (tmp_path / "empty").mkdir()
     line = error_line(run_cli("predict.py", *common, f"input={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path}/e"))

@@ -1,4 +1,4 @@
-"""python -m src.analysis <parent run id | multirun folder> [--out DIR] [--tracking-uri URI] [--image-root DIR]
+"""python -m src.analysis <parent run id | models:/<name>@<alias> | multirun folder> [--out DIR] [--tracking-uri URI]
 
 Writes the error-analysis report (src.analysis.report) of a configuration and prints the path of its index.html.
 A parent run id reads the parent's `oof/oof_predictions.csv`, the latest finished run of each fold's `exported/`
@@ -112,9 +112,26 @@ def from_sweep(folder: Path, out: Path, image_root: Path | None) -> list[Path]:
     return written
 
 
+def _registered_run(ref: str, uri: str) -> str:
+    """The run behind `models:/<name>@<alias>` or `models:/<name>/<version>`: for a fold ensemble, its parent."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, _, version = ref.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        raise UserError(f"{ref} is not in the registry at {uri} ({str(err).splitlines()[0]})") from None
+    return mv.run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.analysis", description=__doc__.splitlines()[2])
-    parser.add_argument("source", help="parent run id of a configuration, or a multirun/<date>/<time> folder")
+    parser.add_argument(
+        "source", help="parent run id, models:/<name>@<alias> (a fold ensemble), or a multirun/<date>/<time> folder"
+    )
     parser.add_argument("--out", type=Path, help="report folder (default analysis/<run id or sweep>)")
     parser.add_argument(
         "--tracking-uri", help=f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})"
@@ -127,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             resolved = folder.resolve()
             out = args.out or Path("analysis") / f"{resolved.parent.name}_{resolved.name}"
             written = from_sweep(folder, out, args.image_root)
+        elif args.source.startswith("models:/"):
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+            run_id = _registered_run(args.source, uri)
+            written = from_run(run_id, uri, args.out or Path("analysis") / run_id, args.image_root)
         elif folder.exists() or "/" in args.source:
             raise UserError(f"{args.source} is not a folder; pass a multirun/<date>/<time> folder or a parent run id")
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,3 +83,23 @@ def class_activation_maps(net: nn.Module, batch: torch.Tensor, classes: Sequence
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
     """An RGB float image in [0, 1] with the map drawn over it as a jet heat map (uint8 RGB)."""
     return show_cam_on_image(image.astype(np.float32), cam, use_rgb=True, image_weight=image_weight)
+
+
+def explain(
+    nets: Sequence[nn.Module], preprocessing: dict, paths: Sequence[Path], classes: Sequence[int]
+) -> list[np.ndarray]:
+    """The images as the networks see them (resized, centre-cropped), each with the Grad-CAM of its class in
+    `classes` drawn over it: for an ensemble the mean of its networks' maps. Plain images where no network has a
+    convolutional map."""
+    from src.serving.ensemble_model import build_preprocess, load_image
+
+    preprocess = build_preprocess(preprocessing)
+    batch = torch.stack([preprocess(load_image(p)) for p in paths])
+    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
+    pictures = (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    maps = [m for m in (class_activation_maps(net, batch, classes) for net in nets) if m is not None]
+    if not maps:
+        return list(pictures)
+    mean_map = np.mean(maps, axis=0)
+    return [overlay(picture, cam) for picture, cam in zip(pictures, mean_map, strict=True)]

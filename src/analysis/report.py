@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from src.analysis import calibration
-from src.analysis.cam import class_activation_maps, overlay
+from src.analysis.cam import explain
 from src.analysis.gallery import image_grid, short_name, thumbnail
 from src.analysis.label_issues import find_label_issues, write_label_issues
 from src.analysis.oof import OOF, read_oof
@@ -79,25 +78,16 @@ def _fold_images(rows: pd.DataFrame, oof: OOF, model_file: Path, image_root: Pat
     """The images as the fold model saw them (resized, centre-cropped), with the Grad-CAM of the class it
     predicted drawn over them where the network has a convolutional map (see src.analysis.cam)."""
     from src.model import load_model_file
-    from src.serving.ensemble_model import build_preprocess, load_image, preprocessing_from_meta
+    from src.serving.ensemble_model import preprocessing_from_meta
 
     net, meta = load_model_file(model_file)
     if list(meta["classes"]) != oof.classes:
         raise UserError(f"{model_file} predicts classes {list(meta['classes'])}, the OOF file has {oof.classes}")
-    preprocessing = preprocessing_from_meta(meta)
-    preprocess = build_preprocess(preprocessing)
     paths = [Path(image_root) / p for p in rows["path"]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UserError(f"image {missing[0]} does not exist; point the analysis at the training image folder")
-    batch = torch.stack([preprocess(load_image(p)) for p in paths])
-    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
-    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
-    pictures = (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    maps = class_activation_maps(net, batch, oof.predicted[rows["row"].to_numpy()])
-    if maps is None:
-        return list(pictures)
-    return [overlay(picture, cam) for picture, cam in zip(pictures, maps, strict=True)]
+    return explain([net], preprocessing_from_meta(meta), paths, oof.predicted[rows["row"].to_numpy()])
 
 
 def top_losses_figure(

@@ -27,6 +27,8 @@ NOT_IDENTITY = (
     "resume",
     "ckpt_path",
     "data.num_workers",
+    "data.audit_duplicates",  # a report, not a change to training
+    "data.near_duplicate_distance",  # matters only with data.groups=auto, where the split digest records it
     "data.train_dir",  # the data version and split digest stand for the data itself
     "data.test_dir",  # training never reads it
     "trainer.accelerator",

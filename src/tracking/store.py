@@ -60,10 +60,15 @@ def use(uri: str) -> None:
     """Point MLflow's fluent API (log_model, register_model, artifacts) at `uri`."""
     import mlflow
 
-    if redact(uri) != uri:  # MLflow prints "View run ... at: <uri>" with the credentials in it
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    _hide_urls_with_credentials(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+
+
+def _hide_urls_with_credentials(uri: str) -> None:
+    """MLflow prints "View run ... at: <uri>" when a run ends; with credentials in the URI it must not."""
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 @functools.cache
@@ -71,6 +76,7 @@ def client(uri: str) -> Any:
     """One client per store. Creating it creates a new sqlite store's tables, so parallel jobs take turns."""
     from mlflow import MlflowClient
 
+    _hide_urls_with_credentials(uri)
     with store_lock(uri):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
