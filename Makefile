@@ -1,4 +1,4 @@
-# make demo: set up .venv, write the sample digits, sweep 5 folds, test the best model.
+# make demo: set up .venv, write the sample digits, sweep 5 folds, test their fold ensemble (the champion).
 # make demo-pipeline: the same through the dvc.yaml pipeline, as one DVC experiment.
 # make test: set up .venv and run the tests.
 PYTHON ?= python3

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-root", type=Path, help="training image folder, if it moved since training")
     args = parser.parse_args(argv)
     folder = Path(args.source)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per report, no bars
     try:
         if folder.is_dir():
             resolved = folder.resolve()
@@ -151,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         elif folder.exists() or "/" in args.source:
             raise UserError(f"{args.source} is not a folder; pass a multirun/<date>/<time> folder or a parent run id")
         else:
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per report, no bars
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
             written = from_run(args.source, uri, args.out or Path("analysis") / args.source, args.image_root)
     except UserError as err:
