@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -216,9 +217,13 @@ def save_model_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict
     """Write state dict + metadata (classes, backbone, image settings); loads with weights_only=True."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": MODEL_FILE_FORMAT, "state_dict": state, **meta}, tmp)
-    tmp.replace(path)  # never leave a half-written model where a good one was
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # unique: parallel jobs may write the same name
+    try:
+        torch.save({"format": MODEL_FILE_FORMAT, "state_dict": state, **meta}, tmp)
+        tmp.replace(path)  # never leave a half-written model where a good one was
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import statistics
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -112,15 +112,18 @@ def model_file(cfg: DictConfig, fold: int) -> Path:
 
 
 def publish_copy(source: Path, target: Path) -> None:
-    """Copy a run's own model file to the seed's shared name (last writer wins), atomically: the copy
-    goes to a unique temporary name beside the target and is renamed, so parallel jobs never mix files."""
+    """Give a run's own model file the seed's shared name too (last writer wins), atomically: a hard link (a
+    copy across file systems) goes to a unique temporary name beside the target and is renamed, so parallel
+    jobs never mix files. Model files are replaced, never written in place, so the link costs no disk."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.resolve() == source.resolve():
         return
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
-        shutil.copyfile(source, tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
