@@ -48,10 +48,40 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on a free 127.0.0.1 port with a sqlite backend and proxied artifacts; stopped on exit."""
+def serve(
+    command: list[str], health: str, log_path: Path, timeout: float, cwd: Path | None = None, env: dict | None = None
+) -> Iterator[str]:
+    """Run a server `command` (given --host/--port here) on a free 127.0.0.1 port until `health` answers;
+    yield its URL and end its whole process group on exit."""
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{url}{health}", timeout=2).ok:
+                        break
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(command[:3])} did not start: {log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` with a sqlite backend and proxied artifacts; stopped on exit."""
     command = [
         str(Path(sys.executable).with_name("mlflow")),
         "server",
@@ -59,26 +89,8 @@ def mlflow_server(root: Path) -> Iterator[str]:
         f"sqlite:///{root / 'server.db'}",
         "--artifacts-destination",
         str(root / "mlartifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
         "--workers",
         "1",
     ]
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{uri}/health", timeout=2).ok:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
+    with serve(command, "/health", root / "server.log", timeout=90) as url:
+        yield url

@@ -11,10 +11,8 @@ import contextlib
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from src.model import save_model_file
 from src.serving import Predictor, log_ensemble_model
 from src.serving import ensemble_model as served
 from tests.conftest import CLASSES, ROOT, run_cli
-from tests.helpers import free_port
+from tests.helpers import serve
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ONE_LINE_ERROR = "error: "
@@ -231,36 +229,13 @@ print(json.dumps({"columns": list(out.columns), "rows": out.to_dict("records"), 
 @contextlib.contextmanager
 def model_server(model_uri: str, uri: str, cwd: Path) -> Iterator[str]:
     """The real `mlflow models serve` in this environment on a free port; its whole process group ends on exit."""
-    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # mlflow starts uvicorn by name
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
     command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
     cwd.mkdir(parents=True, exist_ok=True)
-    log_path = cwd / "serve.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 240
-            while True:
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(f"{url}/ping", timeout=2).ok:
-                        break
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow models serve did not start: {log_path.read_text()[-3000:]}")
-                time.sleep(1)
-            yield url
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+    with serve(command, "/ping", cwd / "serve.log", timeout=240, cwd=cwd, env=env) as url:
+        yield url
 
 
 def test_served_ensemble_answers_as_predict_py_does(store: dict[str, str], work: Path, test_images: list[Path]):
