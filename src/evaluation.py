@@ -232,9 +232,10 @@ def plot_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[
     return paths
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Rows of dicts as a CSV with the union of their keys, in first-seen order."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
+def write_csv(rows: Sequence[dict[str, Any]], path: Path, fields: Sequence[str] | None = None) -> Path:
+    """Rows of dicts as a CSV with `fields` as columns (default: the union of their keys, in first-seen order),
+    so a file with no rows still has its header."""
+    fields = list(fields or dict.fromkeys(k for row in rows for k in row))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -14,7 +14,6 @@ hashes, in numpy blocks: every pair of 20,000 images in about a second.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -31,6 +30,7 @@ from PIL import Image
 
 from src.data import ImageFolder, scan_image_folder, to_rgb
 from src.errors import UserError
+from src.evaluation import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +244,6 @@ def duplicate_rows(
     return rows
 
 
-def write_rows(rows: Sequence[dict[str, object]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def summary(audit: Audit) -> str:
     """One line: the counts, why they matter and what to do."""
     if not audit.pairs:
@@ -294,7 +285,7 @@ def audit_duplicates(
         near=sum(p.kind == "near" for p in pairs),
         split_across_folds=sum(r["split_across_folds"] == "true" for r in rows),
         train_test=sum(p.where == "train-test" for p in pairs),
-        csv=write_rows(rows, Path(out_dir) / "duplicates.csv"),
+        csv=write_csv(rows, Path(out_dir) / "duplicates.csv", COLUMNS),
     )
     log.log(logging.WARNING if audit.split_across_folds or audit.train_test else logging.INFO, summary(audit))
     return audit
