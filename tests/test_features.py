@@ -144,10 +144,15 @@ def test_auto_and_true_refuse_where_features_change(
     with caplog.at_level(logging.INFO, logger="src.features"):
         assert not features.use_feature_cache(make_cfg("data.augment=true"))
         assert not features.use_feature_cache(make_cfg("data.augment=true", "fold=1"))
-    assert [r.getMessage() for r in caplog.records if "data.augment=true" in r.getMessage()] == [
-        "feature cache off: data.augment=true makes every epoch's images differ (cache_features=auto)"
+    assert [r.getMessage() for r in caplog.records if "data.augment=basic" in r.getMessage()] == [
+        "feature cache off: data.augment=basic makes every epoch's images differ (cache_features=auto)"
     ]
-    with pytest.raises(UserError, match="data.augment=true") as err:
+    for varying in ("data.augment=trivial", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1"):
+        assert not features.use_feature_cache(make_cfg(varying))
+        with pytest.raises(UserError, match=varying) as err:
+            features.use_feature_cache(make_cfg("cache_features=true", varying))
+    assert features.use_feature_cache(make_cfg("data.augment=none", "data.sampler=balanced", "data.mix_prob=0.5"))
+    with pytest.raises(UserError, match="data.augment=basic") as err:
         train(make_cfg("cache_features=true", "data.augment=true"))
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="model.freeze_backbone=false"):
