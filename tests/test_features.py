@@ -120,6 +120,11 @@ def test_a_change_to_image_size_weights_or_bytes_recomputes(image_root: Path, tm
     assert torch.allclose(after, fresh, rtol=1e-5, atol=1e-6)
 
     assert run(size=48)[1] == len(paths)
+    keys = {
+        features.entry_folder(cache, features.cache_key("resnet18", backbone, build_transform(32, **look)))
+        for look in ({}, {"resize_size": 36}, {"interpolation": "bicubic"}, {"mean": (0.5, 0.5, 0.5)})
+    }
+    assert len(keys) == 4  # resize, interpolation and normalisation are part of the key
     other = build_network("resnet18", 3, None)[0].eval()
     other.load_state_dict(backbone.state_dict())
     assert run(other)[1] == 0  # same weights in another object: same entries
