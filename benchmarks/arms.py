@@ -90,7 +90,13 @@ def bare_infer(ckpt: str, test_dir: str, batch_size: int, num_workers: int) -> d
     net = torchvision.models.get_model(saved["backbone"], num_classes=len(saved["classes"]))
     net.load_state_dict(saved["state_dict"])
     net.eval()
-    transform = build_transform(saved["image_size"], mean=saved["mean"], std=saved["std"])
+    transform = build_transform(
+        saved["image_size"],
+        mean=saved["mean"],
+        std=saved["std"],
+        resize_size=saved.get("resize_size"),
+        interpolation=saved.get("interpolation", "bilinear"),
+    )
     dataset = torchvision.datasets.ImageFolder(test_dir, transform=transform)
     predicted, loop_start = [], time.perf_counter()
     with torch.inference_mode():

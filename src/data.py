@@ -19,7 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, WeightedRandomSampler, default_collate
 from torchvision.transforms import v2
 
 from src.errors import UserError
@@ -220,24 +221,98 @@ def resolve_groups(
     return labels
 
 
+AUGMENTS = ("none", "basic", "trivial", "randaugment")
+SAMPLERS = ("none", "balanced")
+
+
+def resolve_augment(augment: str | bool | None) -> str:
+    """`data.augment` as one of AUGMENTS; the booleans of older configs and params.yaml mean none and basic."""
+    if augment is None or isinstance(augment, bool):
+        return "basic" if augment else "none"
+    value = str(augment).strip().lower()
+    value = {"true": "basic", "false": "none"}.get(value, value)
+    if value not in AUGMENTS:
+        raise UserError(f"data.augment={augment} is not one of {', '.join(AUGMENTS)}")
+    return value
+
+
 def build_transform(
     image_size: int,
     train: bool = False,
-    augment: bool = False,
+    augment: str | bool = "none",
     crop_scale: Sequence[float] = (0.08, 1.0),
     hflip: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """Resize and centre-crop (or random-resized-crop and flip when augmenting), then normalise."""
-    if train and augment:
-        spatial = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    """Resize the short side to `resize_size` (default `image_size`), centre-crop `image_size`, normalise.
+
+    A training transform with `augment` other than none takes a random resized crop and flip instead (basic),
+    then TrivialAugmentWide (trivial) or RandAugment (randaugment) on the uint8 image; `random_erasing` is the
+    probability of erasing a random rectangle of the normalised training tensor.
+    """
+    augment = resolve_augment(augment)
+    mode = v2.InterpolationMode(interpolation)
+    if train and augment != "none":
+        spatial = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
         spatial += [v2.RandomHorizontalFlip()] if hflip else []
+        # Their rotations and shears run on tensors, which take nearest or bilinear only.
+        policy_mode = mode if mode in (v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR) else "bilinear"
+        if augment == "trivial":
+            spatial.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode(policy_mode)))
+        elif augment == "randaugment":
+            spatial.append(v2.RandAugment(interpolation=v2.InterpolationMode(policy_mode)))
     else:
-        spatial = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        spatial = [v2.Resize(resize_size or image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+    if not 0.0 <= random_erasing <= 1.0:
+        raise UserError(f"data.random_erasing={random_erasing} must be a probability in [0, 1]")
+    erase = [v2.RandomErasing(p=random_erasing)] if train and random_erasing > 0 else []
     return v2.Compose(
-        [v2.ToImage(), *spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        [v2.ToImage(), *spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *erase]
     )
+
+
+def check_mixing(mixup_alpha: float, cutmix_alpha: float, mix_prob: float) -> bool:
+    """Whether MixUp or CutMix is on; raises on values they cannot take."""
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not 0.0 <= mix_prob <= 1.0:
+        raise UserError(
+            f"data.mixup_alpha={mixup_alpha} and data.cutmix_alpha={cutmix_alpha} must be >= 0 (0: off) "
+            f"and data.mix_prob={mix_prob} a probability in [0, 1]"
+        )
+    return mixup_alpha > 0 or cutmix_alpha > 0
+
+
+class MixCollate:
+    """Collate a training batch, then mix it with MixUp or CutMix (one drawn per batch when both are on) with
+    probability `mix_prob`. Every batch then carries soft targets, (N, C) float rows summing to 1, one-hot when
+    unmixed, so a loader never yields two target shapes. A class, not a closure: loader workers pickle it."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0):
+        check_mixing(mixup_alpha, cutmix_alpha, mix_prob)
+        mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+        mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
+        if not mixes:
+            raise UserError("MixCollate needs data.mixup_alpha > 0 or data.cutmix_alpha > 0")
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        self.num_classes, self.mix_prob = num_classes, mix_prob
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = default_collate(samples)
+        if float(torch.rand(())) < self.mix_prob:
+            return self.mix(x, y)
+        return x, nn.functional.one_hot(y, self.num_classes).float()
+
+
+def balanced_sampler(targets: np.ndarray, num_classes: int, seed: int) -> WeightedRandomSampler:
+    """Draws each sample with weight 1 / (its class's count), with replacement, as many draws as samples: every
+    class is drawn about equally often. Its own seeded generator makes the draws repeatable run to run."""
+    counts = np.bincount(targets, minlength=num_classes)
+    weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+    generator = torch.Generator().manual_seed(int(seed))
+    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
 
 
 class ImageDataset(Dataset):
@@ -295,18 +370,27 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, sampler: Sampler | None = None
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    sampler: Sampler | None = None,
+    collate_fn: MixCollate | None = None,
+    train: bool | None = None,
 ) -> DataLoader:
     """A DataLoader with persistent workers and pinned memory when they pay off.
 
-    A shuffled (training) loader drops a last batch of one sample: BatchNorm cannot train on it.
+    A training loader (`train`, by default a shuffled one) drops a last batch of one sample: BatchNorm cannot
+    train on it.
     """
+    train = shuffle if train is None else train
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
-        drop_last=shuffle and len(dataset) % batch_size == 1,
+        collate_fn=collate_fn,
+        drop_last=train and len(dataset) % batch_size == 1,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -324,7 +408,7 @@ class FoldDataModule(L.LightningDataModule):
         n_folds: int = 5,
         split_seed: int = 42,
         image_size: int = 224,
-        augment: bool = False,
+        augment: str | bool = "none",
         crop_scale: Sequence[float] = (0.08, 1.0),
         hflip: bool = True,
         batch_size: int = 32,
@@ -333,6 +417,16 @@ class FoldDataModule(L.LightningDataModule):
         groups: str | None = None,
         near_duplicate_distance: int = 4,
         hash_cache_dir: str | None = None,
+        resize_size: int | None = None,
+        interpolation: str = "bilinear",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        sampler: str = "none",
+        seed: int = 42,
     ) -> None:
         super().__init__()
         if not isinstance(fold, int) or not 0 <= fold < n_folds:
@@ -340,8 +434,17 @@ class FoldDataModule(L.LightningDataModule):
         self.train_dir, self.fold, self.n_folds, self.split_seed = Path(train_dir), fold, n_folds, split_seed
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers = resolve_num_workers(num_workers)
-        self.train_transform = build_transform(image_size, True, augment, crop_scale, hflip)
-        self.eval_transform = build_transform(image_size)
+        look = {"mean": mean, "std": std, "resize_size": resize_size, "interpolation": interpolation}
+        self.train_transform = build_transform(
+            image_size, True, augment, crop_scale, hflip, random_erasing=random_erasing, **look
+        )
+        self.eval_transform = build_transform(image_size, **look)
+        # MixUp/CutMix mix whole training batches (MixCollate, built once the classes are known).
+        self.mixup_alpha, self.cutmix_alpha, self.mix_prob = float(mixup_alpha), float(cutmix_alpha), float(mix_prob)
+        self.mixing = check_mixing(self.mixup_alpha, self.cutmix_alpha, self.mix_prob)
+        if str(sampler) not in SAMPLERS:
+            raise UserError(f"data.sampler={sampler} is not one of {', '.join(SAMPLERS)}")
+        self.sampler, self.seed = str(sampler), seed
         self.images: ImageFolder | None = None
         self.folds: np.ndarray | None = None
         # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
@@ -366,6 +469,11 @@ class FoldDataModule(L.LightningDataModule):
         self.setup()
         return np.flatnonzero((self.folds != self.fold) if train else (self.folds == self.fold))
 
+    def train_class_counts(self) -> np.ndarray:
+        """Images per class (in `classes` order) in this fold's training part: for class weights and imbalance."""
+        self.setup()
+        return np.bincount(self.images.targets[self.indices(True)], minlength=len(self.images.classes))
+
     def split_rows(self) -> list[dict[str, object]]:
         """One row per image (path, class, fold), the record of the split kept with the run."""
         self.setup()
@@ -388,8 +496,25 @@ class FoldDataModule(L.LightningDataModule):
     # Features load through the same worker settings as images: in-memory rows need no workers, but
     # persistent workers draw their seed from the global RNG once per fit rather than once per epoch,
     # and only equal draws keep shuffling (and any dropout) identical with and without the cache.
+    # data.sampler=balanced draws classes evenly instead of shuffling; MixUp/CutMix apply to images only.
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._dataset(True), self.batch_size, self.num_workers, shuffle=True)
+        dataset = self._dataset(True)
+        n_classes = len(self.classes)
+        sampler = None
+        if self.sampler == "balanced":
+            sampler = balanced_sampler(self.images.targets[self.indices(True)], n_classes, self.seed)
+        collate = None
+        if self.mixing and self.features is None:
+            collate = MixCollate(n_classes, self.mixup_alpha, self.cutmix_alpha, self.mix_prob)
+        return make_loader(
+            dataset,
+            self.batch_size,
+            self.num_workers,
+            shuffle=sampler is None,
+            sampler=sampler,
+            collate_fn=collate,
+            train=True,
+        )
 
     def val_dataloader(self) -> DataLoader:
         dataset = self._dataset(False)

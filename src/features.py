@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.transforms import v2
 
-from src.data import FoldDataModule, ImageDataset, make_loader
+from src.data import FoldDataModule, ImageDataset, make_loader, resolve_augment
 from src.errors import UserError
 from src.evaluation import predict
 from src.model import ImageClassifier
@@ -53,6 +53,14 @@ def _say_once(message: str) -> None:
     log.info(message)
 
 
+def training_randomness(data: DictConfig) -> str:
+    """The data settings that make training images differ from epoch to epoch (`data.augment=basic, ...`), or ''."""
+    augment = resolve_augment(data.get("augment"))
+    parts = [f"data.augment={augment}"] if augment != "none" else []
+    parts += [f"data.{k}={data.get(k)}" for k in ("random_erasing", "mixup_alpha", "cutmix_alpha") if data.get(k)]
+    return ", ".join(parts)
+
+
 def use_feature_cache(cfg: DictConfig) -> bool:
     """Decide `cache_features=auto|true|false`; refuse `true` where cached features would be wrong."""
     choice = str(cfg.get("cache_features", "auto")).lower()
@@ -67,13 +75,15 @@ def use_feature_cache(cfg: DictConfig) -> bool:
                 "so its features change every step; set model.freeze_backbone=true or cache_features=auto"
             )
         return False
-    if cfg.data.augment:
+    varying = training_randomness(cfg.data)
+    if varying:
         if choice == "true":
             raise UserError(
-                "cache_features=true needs deterministic training transforms, but data.augment=true draws a new "
-                "random crop and flip every epoch; set data.augment=false or cache_features=auto"
+                f"cache_features=true needs deterministic training images, but {varying} changes them every epoch; "
+                f"set data.augment=none, data.random_erasing=0, data.mixup_alpha=0, data.cutmix_alpha=0, "
+                f"or cache_features=auto"
             )
-        _say_once("feature cache off: data.augment=true makes every epoch's images differ (cache_features=auto)")
+        _say_once(f"feature cache off: {varying} makes every epoch's images differ (cache_features=auto)")
         return False
     return True
 

@@ -26,7 +26,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.errors import UserError
-from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD, is_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _load_local_weights(net: nn.Module, path: Path, output_key: str) -> None:
 
 def _torchvision_net(name: str, weights: str | None) -> nn.Module:
     """torchvision model `name` with 1000 classes: pretrained, loaded from a local file, or randomly initialised."""
-    local = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin"} or "/" in str(weights))
+    local = is_weights_file(weights)
     if weights is None or local:
         kwargs = native_kwargs(name) | ({"init_weights": True} if name in AUX_CLASSIFIERS else {})
         net = torchvision.models.get_model(name, weights=None, **kwargs)
@@ -243,6 +243,8 @@ class ImageClassifier(L.LightningModule):
         weights: str | None = None,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        resize_size: int | None = None,
+        interpolation: str = "bilinear",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ) -> None:
@@ -290,8 +292,8 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)
-        metrics.update(logits, y)
+        loss = self.criterion(logits, y)  # y: class indices (N,) or, from MixUp/CutMix, probabilities (N, C)
+        metrics.update(logits, y.argmax(1) if y.ndim == 2 else y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
@@ -322,12 +324,16 @@ class ImageClassifier(L.LightningModule):
         }
 
     def model_meta(self) -> dict[str, Any]:
-        """What test.py needs besides the weights: classes, backbone and image settings."""
+        """What test.py needs besides the weights: classes, backbone and the evaluation preprocessing
+        (resize, crop = image_size, interpolation, mean/std; checkpoints from before resize_size resize to the crop)."""
         hp = self.hparams
         return {
             "backbone": hp.backbone,
             "classes": list(hp.classes),
             "image_size": int(hp.image_size),
+            "resize_size": int(hp.get("resize_size") or hp.image_size),
+            "crop_size": int(hp.image_size),
+            "interpolation": str(hp.get("interpolation") or "bilinear"),
             "mean": [float(m) for m in hp.mean],
             "std": [float(s) for s in hp.std],
             "freeze_backbone": bool(hp.freeze_backbone),

@@ -20,10 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from src import evaluation, tracking
-from src.data import FoldDataModule, available_cpus, resolve_num_workers
+from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
 from src.errors import UserError
 from src.features import attach_cached_features
 from src.model import ImageClassifier, save_model_file
+from src.preprocessing import Preprocessing, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 # Lightning adds a console handler of its own on import; Hydra's root handler already prints and files.
@@ -73,14 +74,52 @@ def parallel_jobs() -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cpus() + 1 + n_jobs)
 
 
-def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
+def preprocessing(cfg: DictConfig) -> Preprocessing:
+    """The run's evaluation preprocessing: explicit data.* settings, else the weights' own, else the defaults."""
     d = cfg.data
+    return resolve_preprocessing(
+        cfg.model.name,
+        cfg.model.weights,
+        d.get("image_size"),
+        d.get("resize_size"),
+        d.get("interpolation"),
+        d.get("mean"),
+        d.get("std"),
+    )
+
+
+def with_resolved_data(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose data.* preprocessing holds the resolved values and data.augment its name, so that
+    the MLflow params, the saved config and the run's identity record what ran, not `null` or `true`."""
+    prep = preprocessing(cfg)
+    log.info(
+        "preprocessing (%s): resize %d, crop %d, %s, mean %s, std %s",
+        prep.source,
+        prep.resize_size,
+        prep.crop_size,
+        prep.interpolation,
+        list(prep.mean),
+        list(prep.std),
+    )
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.image_size = prep.crop_size
+        cfg.data.resize_size = prep.resize_size
+        cfg.data.interpolation = prep.interpolation
+        cfg.data.mean = list(prep.mean)
+        cfg.data.std = list(prep.std)
+        cfg.data.augment = resolve_augment(cfg.data.get("augment"))
+    return cfg
+
+
+def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
+    d, prep = cfg.data, preprocessing(cfg)
     return FoldDataModule(
         train_dir=d.train_dir,
         fold=fold,
         n_folds=cfg.n_folds,
         split_seed=cfg.split_seed,
-        image_size=d.image_size,
+        image_size=prep.crop_size,
         augment=d.augment,
         crop_scale=tuple(d.crop_scale),
         hflip=d.hflip,
@@ -89,16 +128,31 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
         groups=d.groups,
         near_duplicate_distance=d.near_duplicate_distance,
         hash_cache_dir=cfg.feature_cache_dir,
+        resize_size=prep.resize_size,
+        interpolation=prep.interpolation,
+        mean=prep.mean,
+        std=prep.std,
+        random_erasing=d.get("random_erasing", 0.0),
+        mixup_alpha=d.get("mixup_alpha", 0.0),
+        cutmix_alpha=d.get("cutmix_alpha", 0.0),
+        mix_prob=d.get("mix_prob", 1.0),
+        sampler=d.get("sampler", "none"),
+        seed=cfg.seed,
     )
 
 
 def build_model(cfg: DictConfig, classes: list[str]) -> ImageClassifier:
+    prep = preprocessing(cfg)
     return ImageClassifier(
         backbone=cfg.model.name,
         classes=classes,
-        image_size=cfg.data.image_size,
+        image_size=prep.crop_size,
         freeze_backbone=cfg.model.freeze_backbone,
         weights=cfg.model.weights,
+        mean=prep.mean,
+        std=prep.std,
+        resize_size=prep.resize_size,
+        interpolation=prep.interpolation,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
     )
@@ -247,6 +301,7 @@ def train_fold(cfg: DictConfig) -> float:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     fold, rank_zero = cfg.fold, rank_zero_only.rank == 0
+    cfg = with_resolved_data(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, fold)
     datamodule.setup()

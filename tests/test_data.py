@@ -1,4 +1,5 @@
-"""Data: scanning, skipping bad files, image modes, stratified folds, the sample digits."""
+"""Data: scanning, skipping bad files, image modes, stratified folds, the sample digits, preprocessing,
+augmentation, MixUp/CutMix and the balanced sampler."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from src.data import FoldDataModule, assign_folds, scan_image_folder, to_rgb
+from src.data import FoldDataModule, MixCollate, assign_folds, build_transform, scan_image_folder, to_rgb
 from src.errors import UserError
+from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resolve_preprocessing
 from src.sample_data import write_digits
 from tests.conftest import write_images
 
@@ -131,3 +134,78 @@ def test_sample_digits_are_byte_identical_and_never_mix_with_other_data(tmp_path
     with pytest.raises(UserError, match="not the sample digits"):
         write_digits(tmp_path / "a")
     assert (tmp_path / "a" / "train" / "3" / "mine.png").read_bytes() == b"user data"
+
+
+def test_preprocessing_follows_the_weights_unless_data_settings_say_otherwise(tmp_path: Path) -> None:
+    resnet = resolve_preprocessing("resnet50", "IMAGENET1K_V2")  # read from the weights enum, nothing downloaded
+    assert (resnet.resize_size, resnet.crop_size, resnet.interpolation) == (232, 224, "bilinear")
+    assert resnet.mean == IMAGENET_MEAN and resnet.source == "resnet50 IMAGENET1K_V2"
+    assert resolve_preprocessing("efficientnet_b0", "IMAGENET1K_V1").interpolation == "bicubic"
+    small = resolve_preprocessing("resnet50", "IMAGENET1K_V2", image_size=112)  # the weights' resize/crop ratio
+    assert (small.resize_size, small.crop_size) == (116, 112)
+    explicit = resolve_preprocessing(
+        "resnet50", "IMAGENET1K_V2", 32, resize_size=40, interpolation="nearest", mean=[0.5] * 3, std=[0.25] * 3
+    )
+    assert explicit.as_dict() == {
+        "crop_size": 32, "resize_size": 40, "interpolation": "nearest", "mean": [0.5] * 3, "std": [0.25] * 3
+    }  # fmt: skip
+    for weights in (None, str(tmp_path / "own.pth")):  # no weights metadata: today's behaviour
+        plain = resolve_preprocessing("resnet50", weights, 32)
+        assert (plain.resize_size, plain.crop_size, plain.interpolation) == (32, 32, "bilinear")
+        assert plain.std == IMAGENET_STD
+    for bad in ({"resize_size": 16}, {"interpolation": "lanczos2"}, {"std": [1, 0, 1]}):
+        with pytest.raises(UserError, match="data."):
+            resolve_preprocessing("resnet18", None, 32, **bad)
+
+
+def test_every_augment_choice_turns_an_image_into_a_training_tensor() -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    for augment in ("none", "basic", "trivial", "randaugment", True, False):
+        transform = build_transform(32, True, augment, random_erasing=1.0, resize_size=36, interpolation="bicubic")
+        for _ in range(30):  # the policies draw one of many operations per image
+            x = transform(image)
+            assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+            assert (x == 0).flatten(1).all(0).any()  # random erasing (p=1) zeroed a rectangle of every channel
+    assert "TrivialAugmentWide" in repr(build_transform(32, True, "trivial"))
+    assert "RandAugment" in repr(build_transform(32, True, "randaugment"))
+    assert "RandomResizedCrop" not in repr(build_transform(32, True, "none"))
+    assert "RandomErasing" not in repr(build_transform(32, False, "basic", random_erasing=1.0))  # evaluation
+    with pytest.raises(UserError, match="none, basic, trivial, randaugment"):
+        build_transform(32, True, "autoaugment")
+
+
+def test_mixup_and_cutmix_give_soft_targets_whose_rows_sum_to_one() -> None:
+    torch.manual_seed(0)
+    samples = [(torch.rand(3, 8, 8), k % 3) for k in range(8)]
+    labels = torch.tensor([k % 3 for k in range(8)])
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        x, y = MixCollate(3, mixup, cutmix, mix_prob=1.0)(samples)
+        assert x.shape == (8, 3, 8, 8) and y.shape == (8, 3) and y.dtype == torch.float32
+        assert torch.allclose(y.sum(1), torch.ones(8)) and (y.max(1).values < 1).any()  # mixed, not one-hot
+    x, y = MixCollate(3, 0.4, 1.0, mix_prob=0.0)(samples)
+    assert torch.equal(y.argmax(1), labels) and torch.equal(y.max(1).values, torch.ones(8))
+    assert torch.equal(x, torch.stack([s[0] for s in samples]))
+    with pytest.raises(UserError, match="mix_prob"):
+        MixCollate(3, 0.4, 0.0, mix_prob=1.5)
+
+
+def test_balanced_sampler_draws_classes_evenly_from_an_imbalanced_fold(tmp_path: Path) -> None:
+    root = write_images(tmp_path / "train", per_class=20)
+    for name, keep in (("cat", 4), ("dog", 8)):
+        for path in sorted((root / name).glob("*.png"))[keep:]:
+            path.unlink()
+    dm = FoldDataModule(str(root), 0, 2, image_size=32, batch_size=4, num_workers=0, sampler="balanced", seed=3)
+    counts = dm.train_class_counts()
+    assert counts.tolist() == [2, 4, 10] and counts.sum() == len(dm.indices(True))
+    targets = dm.images.targets
+    loader = dm.train_dataloader()
+    drawn = np.concatenate([targets[dm.indices(True)[list(loader.sampler)]] for _ in range(50)])
+    assert len(drawn) == 50 * 16
+    assert np.abs(np.bincount(drawn, minlength=3) / len(drawn) - 1 / 3).max() < 0.05  # shuffled: 1/8, 2/8, 5/8
+    again = FoldDataModule(str(root), 0, 2, image_size=32, num_workers=0, sampler="balanced", seed=3)
+    assert list(again.train_dataloader().sampler) == list(dm.train_dataloader().sampler)  # seeded
+    mixed = FoldDataModule(str(root), 0, 2, image_size=32, batch_size=4, num_workers=0, cutmix_alpha=1.0)
+    x, y = next(iter(mixed.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 3)
+    with pytest.raises(UserError, match="none, balanced"):
+        FoldDataModule(str(root), 0, 2, sampler="weighted")

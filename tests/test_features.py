@@ -120,6 +120,11 @@ def test_a_change_to_image_size_weights_or_bytes_recomputes(image_root: Path, tm
     assert torch.allclose(after, fresh, rtol=1e-5, atol=1e-6)
 
     assert run(size=48)[1] == len(paths)
+    keys = {
+        features.entry_folder(cache, features.cache_key("resnet18", backbone, build_transform(32, **look)))
+        for look in ({}, {"resize_size": 36}, {"interpolation": "bicubic"}, {"mean": (0.5, 0.5, 0.5)})
+    }
+    assert len(keys) == 4  # resize, interpolation and normalisation are part of the key
     other = build_network("resnet18", 3, None)[0].eval()
     other.load_state_dict(backbone.state_dict())
     assert run(other)[1] == 0  # same weights in another object: same entries
@@ -144,10 +149,15 @@ def test_auto_and_true_refuse_where_features_change(
     with caplog.at_level(logging.INFO, logger="src.features"):
         assert not features.use_feature_cache(make_cfg("data.augment=true"))
         assert not features.use_feature_cache(make_cfg("data.augment=true", "fold=1"))
-    assert [r.getMessage() for r in caplog.records if "data.augment=true" in r.getMessage()] == [
-        "feature cache off: data.augment=true makes every epoch's images differ (cache_features=auto)"
+    assert [r.getMessage() for r in caplog.records if "data.augment=basic" in r.getMessage()] == [
+        "feature cache off: data.augment=basic makes every epoch's images differ (cache_features=auto)"
     ]
-    with pytest.raises(UserError, match="data.augment=true") as err:
+    for varying in ("data.augment=trivial", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1"):
+        assert not features.use_feature_cache(make_cfg(varying))
+        with pytest.raises(UserError, match=varying) as err:
+            features.use_feature_cache(make_cfg("cache_features=true", varying))
+    assert features.use_feature_cache(make_cfg("data.augment=none", "data.sampler=balanced", "data.mix_prob=0.5"))
+    with pytest.raises(UserError, match="data.augment=basic") as err:
         train(make_cfg("cache_features=true", "data.augment=true"))
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="model.freeze_backbone=false"):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torchvision
+from omegaconf import DictConfig
 
+from src import evaluation
 from src.data import FoldDataModule, build_transform, load_image, scan_image_folder
 from src.errors import UserError
 from src.features import cached_features
@@ -22,6 +25,10 @@ from src.model import (
     native_kwargs,
     save_model_file,
 )
+from src.predicting import load_model
+from src.serving import Predictor
+from src.tracking.identity import all_params
+from src.training import model_file, train, with_resolved_data
 
 CLASSES = ["cat", "dog", "fox"]
 SIZE_WORDS = {"tiny", "small", "base", "large"}
@@ -240,3 +247,32 @@ def test_images_or_features_decide_the_path_and_anything_else_is_refused() -> No
     model = ImageClassifier("resnet18", CLASSES, image_size=32, freeze_backbone=True, weights=None).eval()
     with pytest.raises(ValueError, match=r"\(N, D\), got a tensor of shape \(2, 512, 1\)"):
         model(torch.zeros(2, 512, 1))
+
+
+def test_a_regularised_run_saves_its_preprocessing_with_the_model_and_in_the_params(
+    make_cfg: Callable[..., DictConfig], image_root: Path
+) -> None:
+    """Soft MixUp/CutMix targets, a balanced sampler and TrivialAugment train; the resolved resize, crop and
+    interpolation reach the exported file, the checkpoint and the Predictor that test.py and predict.py use."""
+    cfg = make_cfg(
+        *("data.resize_size=40", "data.interpolation=bicubic", "data.mean=[0.5,0.5,0.5]", "data.augment=trivial"),
+        *("data.random_erasing=0.5", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0", "data.sampler=balanced"),
+    )
+    train(cfg)
+    history = evaluation.read_csv(Path(cfg.paths.output_dir) / "history.csv")
+    assert math.isfinite(history[-1]["train_loss"]) and 0 <= history[-1]["train_accuracy"] <= 1
+    image = load_image(image_root / "test" / "dog" / "000.png")
+    expected = build_transform(32, resize_size=40, interpolation="bicubic", mean=[0.5] * 3)(image)
+    checkpoint = next(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+    for path in (model_file(cfg, 0), checkpoint):  # the exported file and the Lightning checkpoint
+        loaded = load_model(str(path), cfg)
+        meta = loaded.meta
+        assert (meta["resize_size"], meta["crop_size"], meta["interpolation"]) == (40, 32, "bicubic")
+        predictor = Predictor(loaded.nets, loaded.classes, loaded.preprocessing, device="cpu")
+        assert torch.equal(predictor.preprocess(image), expected)
+    pretrained = make_cfg("model=resnet50", "model.weights=IMAGENET1K_V2", "data.image_size=null", "data.augment=true")
+    params = all_params(with_resolved_data(pretrained))  # what a fold run logs to MLflow
+    assert (params["data.resize_size"], params["data.image_size"], params["data.interpolation"]) == (
+        "232", "224", "bilinear"
+    )  # fmt: skip
+    assert params["data.augment"] == "basic"

@@ -7,6 +7,9 @@ from typing import Any
 from src.errors import UserError
 from src.tracking import store
 
+# What a served fold model needs besides its weights (src.serving.preprocessing_from_meta reads the sizes).
+META_KEYS = ("backbone", "classes", "image_size", "resize_size", "crop_size", "interpolation", "mean", "std")
+
 
 def log_pytorch_model(result: dict[str, Any]) -> Any:
     """Log the plain torchvision network with `mlflow.pytorch.log_model` in the pt2 format.
@@ -34,7 +37,7 @@ def log_pytorch_model(result: dict[str, Any]) -> Any:
         serialization_format="pt2",
         input_example=example.astype(np.float32),
         signature=infer_signature(example, output),
-        metadata={k: meta[k] for k in ("backbone", "classes", "image_size", "mean", "std") if k in meta},
+        metadata={k: meta[k] for k in META_KEYS if k in meta},
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
 
