@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import statistics
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -337,7 +338,9 @@ def train_fold(cfg: DictConfig) -> float:
         run = tracking.reopen_fold_run(cfg, fold, run_id) if run_id else tracking.start_fold_run(cfg, fold, data)
         if found and not run_id:
             run.client.log_param(run.run_id, "lr_found", f"{found['lr']:.6g}")
-            run.client.log_artifact(run.run_id, found["plot"], "reports")
+            with tempfile.TemporaryDirectory() as tmp:
+                plot = shutil.copyfile(found["plot"], Path(tmp) / "lr_find.png")
+                run.client.log_artifact(run.run_id, str(plot), "reports")
     out_dir = Path(cfg.paths.output_dir)
     with tracking.fold_guard(run):
         history = EpochHistory(out_dir / "history.csv")

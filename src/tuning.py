@@ -62,6 +62,7 @@ def run_finder(cfg: DictConfig, prepare: Prepare, out_dir: Path) -> dict[str, An
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
         devices=1,
+        max_epochs=-1,  # the finder stops after lr_find.num_training steps
         precision=cfg.trainer.get("precision", "32-true"),
         logger=False,
         enable_checkpointing=False,

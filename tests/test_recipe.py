@@ -38,11 +38,17 @@ class PhaseProbe(L.Callback):
     ) -> None:
         self.ndim = batch[0].ndim
 
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: ImageClassifier, batch: tuple, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.val_ndim = batch[0].ndim
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ImageClassifier) -> None:
         groups = trainer.optimizers[0].param_groups
         self.rows.append(
             {
                 "ndim": self.ndim,
+                "val_ndim": self.val_ndim,
                 "backbone": digest_module(pl_module.backbone),
                 "start": self.start,
                 "trains": all(p.requires_grad for p in pl_module.backbone.parameters()),
@@ -81,10 +87,10 @@ def test_gradual_trains_the_head_on_features_then_everything_at_its_own_lr(
     train(cfg)
     head_phase, full_phase = json.loads(probe.read_text())
     # Phase 1: cached features, frozen backbone (weights and BatchNorm statistics unchanged).
-    assert head_phase["ndim"] == 2 and not head_phase["trains"]
+    assert head_phase["ndim"] == head_phase["val_ndim"] == 2 and not head_phase["trains"]
     assert head_phase["backbone"] == head_phase["start"]
     # Phase 2: images, the whole network trains; the backbone group runs at lr x backbone_lr_mult.
-    assert full_phase["ndim"] == 4 and full_phase["trains"]
+    assert full_phase["ndim"] == full_phase["val_ndim"] == 4 and full_phase["trains"]
     assert full_phase["backbone"] != head_phase["backbone"]
     assert full_phase["initial_lrs"] == pytest.approx([0.01, 0.0025])
     # One history across both phases.
