@@ -312,8 +312,11 @@ class ImageClassifier(L.LightningModule):
         # A logged "step" makes Lightning's loggers use the epoch as the x-axis, not the batch count.
         self.log("step", float(self.current_epoch))
 
-    def on_train_epoch_end(self) -> None:
+    def on_train_epoch_start(self) -> None:
+        # Read here: Lightning steps epoch-interval schedulers before on_train_epoch_end.
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_end(self) -> None:
         self.log("step", float(self.current_epoch))
 
     def configure_optimizers(self) -> Any:

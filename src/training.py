@@ -46,11 +46,15 @@ class EpochHistory(L.Callback):
     """
 
     def __init__(self, path: Path) -> None:
-        self.path, self.rows = Path(path), []
+        self.path, self.rows, self.lr = Path(path), [], None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The lr this epoch trains with: Lightning steps epoch schedulers before on_train_epoch_end.
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
-        self.rows.append({"epoch": trainer.current_epoch, **metrics, "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+        self.rows.append({"epoch": trainer.current_epoch, **metrics, "lr": self.lr})
         if trainer.is_global_zero:
             evaluation.write_csv(self.rows, self.path)
 
