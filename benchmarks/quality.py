@@ -128,7 +128,8 @@ def main() -> None:
                 f"feature_cache_dir={args.workdir}/cache",
             ]
             start = time.perf_counter()
-            run = measured([sys.executable, str(ROOT / "train.py"), *overrides], ROOT, args.workdir / f"{data}_{name}.log")
+            command = [sys.executable, str(ROOT / "train.py"), *overrides]
+            run = measured(command, ROOT, args.workdir / f"{data}_{name}.log")
             scores = fold_scores(run_dir)
             results["runs"][f"{data}/{name}"] = {
                 **summarise(scores),

@@ -247,6 +247,9 @@ class ImageClassifier(L.LightningModule):
         interpolation: str = "bilinear",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+        backbone_lr_mult: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
@@ -256,7 +259,10 @@ class ImageClassifier(L.LightningModule):
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
-        self.criterion = nn.CrossEntropyLoss()
+        # Takes hard (N,) or soft (N, C) targets (MixUp/CutMix); the weights live in the state dict as a buffer.
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.backbone_lr_mult = backbone_lr_mult
         n = len(classes)
         metrics = MetricCollection(
             {
@@ -292,8 +298,8 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)  # y: class indices (N,) or, from MixUp/CutMix, probabilities (N, C)
-        metrics.update(logits, y.argmax(1) if y.ndim == 2 else y)
+        loss = self.criterion(logits, y)
+        metrics.update(logits, y.argmax(dim=1) if y.ndim == 2 else y)  # soft targets count as their top class
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
@@ -308,14 +314,24 @@ class ImageClassifier(L.LightningModule):
         # A logged "step" makes Lightning's loggers use the epoch as the x-axis, not the batch count.
         self.log("step", float(self.current_epoch))
 
-    def on_train_epoch_end(self) -> None:
+    def on_train_epoch_start(self) -> None:
+        # Read here: Lightning steps epoch-interval schedulers before on_train_epoch_end.
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_end(self) -> None:
         self.log("step", float(self.current_epoch))
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
         factory = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
-        optimizer = factory(params)
+        if self.backbone_lr_mult is None:
+            optimizer = factory([p for p in self.parameters() if p.requires_grad])
+        else:
+            # Two groups from the start, head first: a scheduler made now must already see the group of a backbone
+            # that is unfrozen later (src/finetune.py). Frozen parameters get no gradient, so no step moves them.
+            optimizer = factory(
+                [{"params": list(self.head.parameters())}, {"params": list(self.backbone.parameters())}]
+            )
+            optimizer.param_groups[1]["lr"] *= self.backbone_lr_mult
         if self.scheduler_factory is None:
             return optimizer
         return {

@@ -5,10 +5,12 @@ fit one fold, export its best model and reports, and return `best_val_accuracy`.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shutil
 import statistics
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -17,9 +19,9 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import evaluation, tracking
+from src import evaluation, finetune, loss, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
 from src.errors import UserError
 from src.features import attach_cached_features
@@ -44,11 +46,15 @@ class EpochHistory(L.Callback):
     """
 
     def __init__(self, path: Path) -> None:
-        self.path, self.rows = Path(path), []
+        self.path, self.rows, self.lr = Path(path), [], None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The lr this epoch trains with: Lightning steps epoch schedulers before on_train_epoch_end.
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
-        self.rows.append({"epoch": trainer.current_epoch, **metrics, "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+        self.rows.append({"epoch": trainer.current_epoch, **metrics, "lr": self.lr})
         if trainer.is_global_zero:
             evaluation.write_csv(self.rows, self.path)
 
@@ -141,11 +147,17 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
     )
 
 
-def build_model(cfg: DictConfig, classes: list[str]) -> ImageClassifier:
+def build_model(
+    cfg: DictConfig, datamodule: FoldDataModule, schedule: finetune.Gradual | None = None
+) -> ImageClassifier:
+    if schedule is not None:
+        scheduler = functools.partial(finetune.scheduler, schedule=schedule)
+    else:
+        scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
     prep = preprocessing(cfg)
     return ImageClassifier(
         backbone=cfg.model.name,
-        classes=classes,
+        classes=datamodule.classes,
         image_size=prep.crop_size,
         freeze_backbone=cfg.model.freeze_backbone,
         weights=cfg.model.weights,
@@ -154,8 +166,31 @@ def build_model(cfg: DictConfig, classes: list[str]) -> ImageClassifier:
         resize_size=prep.resize_size,
         interpolation=prep.interpolation,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        scheduler=scheduler,
+        label_smoothing=float(cfg.loss.label_smoothing),
+        class_weights=loss.class_weights(cfg.loss.class_weights, datamodule.train_class_counts()),
+        backbone_lr_mult=schedule.backbone_lr_mult if schedule else None,
     )
+
+
+def prepare_model(cfg: DictConfig, datamodule: FoldDataModule) -> ImageClassifier:
+    """The model of a fold, frozen for gradual fine-tuning's head epochs, with cached features attached where
+    they apply (a frozen backbone trains the head on them: src/features.py)."""
+    schedule = finetune.plan(cfg)
+    model = build_model(cfg, datamodule, schedule)
+    if schedule is None:
+        attach_cached_features(cfg, model, datamodule)
+    elif schedule.head_epochs:
+        finetune.set_frozen(model, True)
+        finetune.attach_head_features(cfg, model, datamodule)
+    return model
+
+
+def prepare_fold(cfg: DictConfig, fold: int) -> tuple[FoldDataModule, ImageClassifier]:
+    """Datamodule and model of `fold`, as training builds them (the lr finder's view of a fold)."""
+    datamodule = build_datamodule(cfg, fold)
+    datamodule.setup()
+    return datamodule, prepare_model(cfg, datamodule)
 
 
 def model_file(cfg: DictConfig, fold: int) -> Path:
@@ -206,6 +241,12 @@ def validation_rows(
 
 def train(cfg: DictConfig) -> float:
     """Train `cfg.fold` and return its best_val_accuracy; `fold=all` trains every fold and returns the CV mean."""
+    tune = cfg.get("tune")
+    if tune not in (None, "lr_find"):
+        raise UserError(f"tune={tune} is not supported; use tune=lr_find or leave it out")
+    if tune == "lr_find":
+        datamodule = build_datamodule(cfg, 0)
+        return tuning.lr_find(cfg, data_version(datamodule), prepare_fold)
     if cfg.fold == "all":
         return train_all_folds(cfg)
     if not isinstance(cfg.fold, int):
@@ -256,10 +297,14 @@ def _check_checkpoint(ckpt: Path) -> None:
 
 def data_identity(cfg: DictConfig, datamodule: FoldDataModule) -> dict[str, str]:
     """The data version and split digest that belong to a configuration's identity (src/tracking)."""
-    if not cfg.logger:
-        return {}
+    return data_version(datamodule) if cfg.logger else {}
+
+
+def data_version(datamodule: FoldDataModule) -> dict[str, str]:
+    """The data version and split digest of `datamodule`'s images (the same for every fold of a split)."""
     from src.tracking.data_version import training_data
 
+    datamodule.setup()
     images = datamodule.images
     labels = [images.classes[t] for t in images.targets]
     return training_data(images.root, images.paths, labels, datamodule.split_rows())
@@ -316,8 +361,11 @@ def train_fold(cfg: DictConfig) -> float:
             cfg.data.near_duplicate_distance,
             cfg.feature_cache_dir,
         )
-    model = build_model(cfg, datamodule.classes)
-    attach_cached_features(cfg, model, datamodule)  # frozen backbone: train the head on cached features (#5)
+    if rank_zero:
+        _warn_about_setup(cfg, datamodule)
+    data = data_identity(cfg, datamodule)
+    model_cfg, found = tuning.resolve_lr(cfg, data or data_version(datamodule), prepare_fold)
+    model = prepare_model(model_cfg, datamodule)
     trainable, total = model.parameter_counts()
     log.info(
         "%s, %d classes, fold %d of %d: training %s of %s parameters (backbone %s)",
@@ -327,9 +375,10 @@ def train_fold(cfg: DictConfig) -> float:
         cfg.n_folds,
         f"{trainable:,}",
         f"{total:,}",
-        "frozen" if cfg.model.freeze_backbone else "trained",
+        "frozen" if model.freeze_backbone else "trained",
     )
-    data = data_identity(cfg, datamodule)
+    if found:
+        log.info("lr=auto: training with lr=%.3g from the lr finder (%s)", found["lr"], found["plot"])
     resume_from = run_id = None
     if cfg.resume or cfg.ckpt_path:
         resume_from, run_id, prior_dir = _resume_point(cfg, fold, data)
@@ -340,10 +389,18 @@ def train_fold(cfg: DictConfig) -> float:
     run = None
     if rank_zero and cfg.logger:
         run = tracking.reopen_fold_run(cfg, fold, run_id) if run_id else tracking.start_fold_run(cfg, fold, data)
+        if found and not run_id:
+            run.client.log_param(run.run_id, "lr_found", f"{found['lr']:.6g}")
+            with tempfile.TemporaryDirectory() as tmp:
+                plot = shutil.copyfile(found["plot"], Path(tmp) / "lr_find.png")
+                run.client.log_artifact(run.run_id, str(plot), "reports")
     out_dir = Path(cfg.paths.output_dir)
     with tracking.fold_guard(run):
         history = EpochHistory(out_dir / "history.csv")
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [history]
+        schedule = finetune.plan(cfg)
+        if schedule is not None:
+            callbacks.append(finetune.GradualUnfreeze(schedule))
         trainer = L.Trainer(
             **_strategy_for(cfg),
             max_epochs=cfg.epochs,
@@ -361,6 +418,24 @@ def train_fold(cfg: DictConfig) -> float:
     log.info("best_val_accuracy=%.4f (fold %d) -> %s", result["best_val_accuracy"], fold, result["model_file"])
     print(f"best_val_accuracy: {result['best_val_accuracy']:.4f}")
     return result["best_val_accuracy"]
+
+
+def _warn_about_setup(cfg: DictConfig, datamodule: FoldDataModule) -> None:
+    """Warnings about settings that train poorly: a head on random features, and imbalanced classes."""
+    if cfg.model.freeze_backbone and cfg.model.weights is None:
+        log.warning(
+            "model.freeze_backbone=true with model.weights=null trains a head on random features; "
+            "give pretrained weights or set model.freeze_backbone=false"
+        )
+    monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor")
+    used = {
+        f"loss.class_weights={cfg.loss.class_weights}",
+        f"data.sampler={cfg.data.get('sampler')}",
+        f"callbacks.model_checkpoint.monitor={monitor}",
+    }
+    advice = loss.imbalance_advice(datamodule.train_class_counts(), datamodule.classes, used)
+    if advice:
+        log.warning(advice)
 
 
 def finish_fold(
@@ -398,13 +473,16 @@ def finish_fold(
         files[path.stem] = path
     (out_dir / "val_classification_report.txt").write_text(report_text)
     files["report"] = out_dir / "val_classification_report.txt"
+    # best_val_accuracy is the validation accuracy of the kept checkpoint: its score when the checkpoint monitors
+    # val_accuracy, else (e.g. monitor=val_balanced_accuracy) the accuracy of the reloaded model on the fold.
     # ddp_spawn brings the best path back to this process but not its score; the history has it.
     score = checkpoint.best_model_score
-    best = (
-        float(score)
-        if score is not None
-        else max(r["val_accuracy"] for r in history if r.get("val_accuracy") is not None)
-    )
+    if checkpoint.monitor != "val_accuracy":
+        best = val["accuracy"]
+    elif score is not None:
+        best = float(score)
+    else:
+        best = max(r["val_accuracy"] for r in history if r.get("val_accuracy") is not None)
     meta = {**model.model_meta(), "fold": fold, "best_val_accuracy": best}
     if run_id:
         meta["mlflow_run_id"] = run_id

@@ -26,6 +26,8 @@ NOT_IDENTITY = (
     "cache_features",  # the same numbers with and without the cache (tests/test_features.py)
     "resume",
     "ckpt_path",
+    "tune",  # tune=lr_find trains nothing
+    "lr_find.cache_dir",
     "data.num_workers",
     "data.audit_duplicates",  # a report, not a change to training
     "data.near_duplicate_distance",  # matters only with data.groups=auto, where the split digest records it
