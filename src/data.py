@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -24,6 +25,9 @@ from torchvision.transforms import v2
 
 from src.errors import UserError
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from src.decoded import DecodedImages
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +224,20 @@ def resolve_groups(
     return labels
 
 
+def resize_step(resize_size: int, interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR) -> v2.Resize:
+    """The evaluation transform's resize: the shorter side to `resize_size`, antialiased, on a uint8 tensor.
+
+    The decoded-image store (src/decoded.py) runs exactly this step once per image, which is what keeps
+    predictions with and without the store equal.
+    """
+    return v2.Resize(resize_size, interpolation=interpolation, antialias=True)
+
+
+def to_float(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+    """uint8 images (one or a batch) to normalised float32: the last step of every transform."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
 def build_transform(
     image_size: int,
     train: bool = False,
@@ -228,16 +246,24 @@ def build_transform(
     hflip: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize_size: int | None = None,
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+    decoded: bool = False,
 ) -> v2.Compose:
-    """Resize and centre-crop (or random-resized-crop and flip when augmenting), then normalise."""
+    """Resize and centre-crop (or random-resized-crop and flip when augmenting), then normalise.
+
+    `decoded`: the input is a uint8 image the store has already resized with `resize_step`; then the resize
+    is skipped and the result stays uint8, for the model to convert on its device (ImageClassifier.forward).
+    """
     if train and augment:
         spatial = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
         spatial += [v2.RandomHorizontalFlip()] if hflip else []
     else:
-        spatial = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose(
-        [v2.ToImage(), *spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
+        spatial = [] if decoded else [resize_step(resize_size or image_size, interpolation)]
+        spatial += [v2.CenterCrop(image_size)]
+    if decoded:
+        return v2.Compose(spatial)
+    return v2.Compose([v2.ToImage(), *spatial, *to_float(mean, std).transforms])
 
 
 class ImageDataset(Dataset):
@@ -333,15 +359,27 @@ class FoldDataModule(L.LightningDataModule):
         groups: str | None = None,
         near_duplicate_distance: int = 4,
         hash_cache_dir: str | None = None,
+        decode_cache: str = "none",
+        decode_ram_budget: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(fold, int) or not 0 <= fold < n_folds:
             raise UserError(f"fold={fold} is outside [0, {n_folds}); pick fold=0..{n_folds - 1} or change n_folds")
+        if str(decode_cache) not in ("none", "ram", "disk"):
+            raise UserError(f"data.decode_cache={decode_cache} is not one of none, ram, disk")
         self.train_dir, self.fold, self.n_folds, self.split_seed = Path(train_dir), fold, n_folds, split_seed
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers = resolve_num_workers(num_workers)
+        self.resize_size, self.interpolation = image_size, v2.InterpolationMode.BILINEAR
         self.train_transform = build_transform(image_size, True, augment, crop_scale, hflip)
         self.eval_transform = build_transform(image_size)
+        # data.decode_cache: none, or each image decoded and resized once into a store in ram or on disk
+        # (src/decoded.py, beside the feature cache); transforms then start from the resized uint8 image.
+        self.decode_cache, self.decode_ram_budget, self.decoded = str(decode_cache), decode_ram_budget, None
+        self.stored_transforms = {
+            train: build_transform(image_size, train, augment, crop_scale, hflip, decoded=True)
+            for train in (True, False)
+        }
         self.images: ImageFolder | None = None
         self.folds: np.ndarray | None = None
         # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
@@ -378,12 +416,34 @@ class FoldDataModule(L.LightningDataModule):
         idx = self.indices(train)
         if self.features is not None:
             return TensorDataset(self.features[idx], torch.from_numpy(self.images.targets[idx]))
+        if self.decode_cache != "none":
+            from src.decoded import StoredImageDataset
+
+            targets = self.images.targets[idx].tolist()
+            return StoredImageDataset(self.decoded_images(), idx.tolist(), targets, self.stored_transforms[train])
         return ImageDataset(
             self.train_dir,
             [self.images.paths[i] for i in idx],
             self.images.targets[idx].tolist(),
             self.train_transform if train else self.eval_transform,
         )
+
+    def decoded_images(self) -> DecodedImages:
+        """The decoded-image store of every image, built (or found on disk) once, in this process."""
+        if self.decoded is None:
+            from src.decoded import build_store
+
+            self.setup()
+            self.decoded, _ = build_store(
+                self.decode_cache,
+                self.train_dir,
+                self.images.paths,
+                resize_step(self.resize_size, self.interpolation),
+                Path(self.hash_cache_dir or ".cache/features"),  # the feature cache's folder: the store sits beside
+                self.num_workers,
+                self.decode_ram_budget,
+            )
+        return self.decoded
 
     # Features load through the same worker settings as images: in-memory rows need no workers, but
     # persistent workers draw their seed from the global RNG once per fit rather than once per epoch,

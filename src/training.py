@@ -89,6 +89,8 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
         groups=d.groups,
         near_duplicate_distance=d.near_duplicate_distance,
         hash_cache_dir=cfg.feature_cache_dir,
+        decode_cache=d.decode_cache,
+        decode_ram_budget=d.decode_ram_budget,
     )
 
 
