@@ -253,7 +253,7 @@ def build_transform(
     """Resize and centre-crop (or random-resized-crop and flip when augmenting), then normalise.
 
     `decoded`: the input is a uint8 image the store has already resized with `resize_step`; then the resize
-    is skipped and the result stays uint8, for the model to convert on its device (ImageClassifier.forward).
+    is skipped and the result stays uint8 (FoldDataModule adds `to_float` unless the model converts it on a GPU).
     """
     if train and augment:
         spatial = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
@@ -376,6 +376,7 @@ class FoldDataModule(L.LightningDataModule):
         # data.decode_cache: none, or each image decoded and resized once into a store in ram or on disk
         # (src/decoded.py, beside the feature cache); transforms then start from the resized uint8 image.
         self.decode_cache, self.decode_ram_budget, self.decoded = str(decode_cache), decode_ram_budget, None
+        self.uint8_batches: bool | None = None
         self.stored_transforms = {
             train: build_transform(image_size, train, augment, crop_scale, hflip, decoded=True)
             for train in (True, False)
@@ -419,14 +420,26 @@ class FoldDataModule(L.LightningDataModule):
         if self.decode_cache != "none":
             from src.decoded import StoredImageDataset
 
+            transform = self.stored_transforms[train]
+            if not self.uint8_on_device():
+                transform = v2.Compose([transform, to_float()])
             targets = self.images.targets[idx].tolist()
-            return StoredImageDataset(self.decoded_images(), idx.tolist(), targets, self.stored_transforms[train])
+            return StoredImageDataset(self.decoded_images(), idx.tolist(), targets, transform)
         return ImageDataset(
             self.train_dir,
             [self.images.paths[i] for i in idx],
             self.images.targets[idx].tolist(),
             self.train_transform if train else self.eval_transform,
         )
+
+    def uint8_on_device(self) -> bool:
+        """Whether stored images leave the loader as uint8 for the model to convert on its device: on a GPU, where
+        that is nearly free and a uint8 batch is a quarter of the bytes to copy; a CPU trainer gets float batches
+        from the workers, as without the store. `uint8_batches` (None: decide from the trainer) overrides it."""
+        if self.uint8_batches is not None:
+            return self.uint8_batches
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type != "cpu"
 
     def decoded_images(self) -> DecodedImages:
         """The decoded-image store of every image, built (or found on disk) once, in this process."""
