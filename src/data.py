@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -25,6 +26,9 @@ from torchvision.transforms import v2
 
 from src.errors import UserError
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from src.decoded import DecodedImages
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +240,20 @@ def resolve_augment(augment: str | bool | None) -> str:
     return value
 
 
+def resize_step(resize_size: int, interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR) -> v2.Resize:
+    """The evaluation transform's resize: the shorter side to `resize_size`, antialiased, on a uint8 tensor.
+
+    The decoded-image store (src/decoded.py) runs exactly this step once per image, which is what keeps
+    predictions with and without the store equal.
+    """
+    return v2.Resize(resize_size, interpolation=interpolation, antialias=True)
+
+
+def to_float(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+    """uint8 images (one or a batch) to normalised float32: the last step of every transform."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
 def build_transform(
     image_size: int,
     train: bool = False,
@@ -245,14 +263,18 @@ def build_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     resize_size: int | None = None,
-    interpolation: str = "bilinear",
+    interpolation: str | v2.InterpolationMode = "bilinear",
     random_erasing: float = 0.0,
+    decoded: bool = False,
 ) -> v2.Compose:
     """Resize the short side to `resize_size` (default `image_size`), centre-crop `image_size`, normalise.
 
     A training transform with `augment` other than none takes a random resized crop and flip instead (basic),
     then TrivialAugmentWide (trivial) or RandAugment (randaugment) on the uint8 image; `random_erasing` is the
     probability of erasing a random rectangle of the normalised training tensor.
+    `decoded`: the input is a uint8 image the store has already resized with `resize_step`; then the resize
+    is skipped and the result stays uint8 (FoldDataModule adds `to_float` unless the model converts it on a GPU),
+    and erasing fills with black rather than the mean colour.
     """
     augment = resolve_augment(augment)
     mode = v2.InterpolationMode(interpolation)
@@ -266,13 +288,14 @@ def build_transform(
         elif augment == "randaugment":
             spatial.append(v2.RandAugment(interpolation=v2.InterpolationMode(policy_mode)))
     else:
-        spatial = [v2.Resize(resize_size or image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+        spatial = [] if decoded else [resize_step(resize_size or image_size, mode)]
+        spatial += [v2.CenterCrop(image_size)]
     if not 0.0 <= random_erasing <= 1.0:
         raise UserError(f"data.random_erasing={random_erasing} must be a probability in [0, 1]")
     erase = [v2.RandomErasing(p=random_erasing)] if train and random_erasing > 0 else []
-    return v2.Compose(
-        [v2.ToImage(), *spatial, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *erase]
-    )
+    if decoded:
+        return v2.Compose([*spatial, *erase])
+    return v2.Compose([v2.ToImage(), *spatial, *to_float(mean, std).transforms, *erase])
 
 
 def check_mixing(mixup_alpha: float, cutmix_alpha: float, mix_prob: float) -> bool:
@@ -427,10 +450,14 @@ class FoldDataModule(L.LightningDataModule):
         mix_prob: float = 1.0,
         sampler: str = "none",
         seed: int = 42,
+        decode_cache: str = "none",
+        decode_ram_budget: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(fold, int) or not 0 <= fold < n_folds:
             raise UserError(f"fold={fold} is outside [0, {n_folds}); pick fold=0..{n_folds - 1} or change n_folds")
+        if str(decode_cache) not in ("none", "ram", "disk"):
+            raise UserError(f"data.decode_cache={decode_cache} is not one of none, ram, disk")
         self.train_dir, self.fold, self.n_folds, self.split_seed = Path(train_dir), fold, n_folds, split_seed
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers = resolve_num_workers(num_workers)
@@ -439,12 +466,24 @@ class FoldDataModule(L.LightningDataModule):
             image_size, True, augment, crop_scale, hflip, random_erasing=random_erasing, **look
         )
         self.eval_transform = build_transform(image_size, **look)
+        self.resize_size, self.interpolation = resize_size or image_size, v2.InterpolationMode(interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
         # MixUp/CutMix mix whole training batches (MixCollate, built once the classes are known).
         self.mixup_alpha, self.cutmix_alpha, self.mix_prob = float(mixup_alpha), float(cutmix_alpha), float(mix_prob)
         self.mixing = check_mixing(self.mixup_alpha, self.cutmix_alpha, self.mix_prob)
         if str(sampler) not in SAMPLERS:
             raise UserError(f"data.sampler={sampler} is not one of {', '.join(SAMPLERS)}")
         self.sampler, self.seed = str(sampler), seed
+        # data.decode_cache: none, or each image decoded and resized once into a store in ram or on disk
+        # (src/decoded.py, beside the feature cache); transforms then start from the resized uint8 image.
+        self.decode_cache, self.decode_ram_budget, self.decoded = str(decode_cache), decode_ram_budget, None
+        self.uint8_batches: bool | None = None
+        self.stored_transforms = {
+            train: build_transform(
+                image_size, train, augment, crop_scale, hflip, random_erasing=random_erasing, decoded=True, **look
+            )
+            for train in (True, False)
+        }
         self.images: ImageFolder | None = None
         self.folds: np.ndarray | None = None
         # (N, D) backbone features, row i for image i (src/features.py): then batches are features, not images.
@@ -486,12 +525,48 @@ class FoldDataModule(L.LightningDataModule):
         idx = self.indices(train)
         if self.features is not None:
             return TensorDataset(self.features[idx], torch.from_numpy(self.images.targets[idx]))
+        if self.decode_cache != "none":
+            from src.decoded import StoredImageDataset
+
+            transform = self.stored_transforms[train]
+            if not self.uint8_on_device():
+                transform = v2.Compose([transform, to_float(self.mean, self.std)])
+            targets = self.images.targets[idx].tolist()
+            return StoredImageDataset(self.decoded_images(), idx.tolist(), targets, transform)
         return ImageDataset(
             self.train_dir,
             [self.images.paths[i] for i in idx],
             self.images.targets[idx].tolist(),
             self.train_transform if train else self.eval_transform,
         )
+
+    def uint8_on_device(self) -> bool:
+        """Whether stored images leave the loader as uint8 for the model to convert on its device: on a GPU, where
+        that is nearly free and a uint8 batch is a quarter of the bytes to copy; a CPU trainer gets float batches
+        from the workers, as without the store. `uint8_batches` (None: decide from the trainer) overrides it."""
+        if self.mixing:  # MixUp/CutMix blend float images
+            return False
+        if self.uint8_batches is not None:
+            return self.uint8_batches
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type != "cpu"
+
+    def decoded_images(self) -> DecodedImages:
+        """The decoded-image store of every image, built (or found on disk) once, in this process."""
+        if self.decoded is None:
+            from src.decoded import build_store
+
+            self.setup()
+            self.decoded, _ = build_store(
+                self.decode_cache,
+                self.train_dir,
+                self.images.paths,
+                resize_step(self.resize_size, self.interpolation),
+                Path(self.hash_cache_dir or ".cache/features"),  # the feature cache's folder: the store sits beside
+                self.num_workers,
+                self.decode_ram_budget,
+            )
+        return self.decoded
 
     # Features load through the same worker settings as images: in-memory rows need no workers, but
     # persistent workers draw their seed from the global RNG once per fit rather than once per epoch,

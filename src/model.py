@@ -288,7 +288,15 @@ class ImageClassifier(L.LightningModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) go through backbone and head; cached features (N, D) through the head alone."""
+        """Images (N, C, H, W) go through backbone and head; cached features (N, D) through the head alone.
+
+        uint8 images (from the decoded-image store, src/decoded.py) are scaled and normalised here, on the
+        model's device, with the same operations the CPU transform would have run on each image.
+        """
+        if x.dtype == torch.uint8:
+            from torchvision.transforms.v2 import functional as F
+
+            x = F.normalize(F.to_dtype(x, torch.float32, scale=True), list(self.hparams.mean), list(self.hparams.std))
         if x.ndim == 4:
             x = self.backbone(x)
         elif x.ndim != 2:

@@ -144,6 +144,8 @@ def build_datamodule(cfg: DictConfig, fold: int) -> FoldDataModule:
         mix_prob=d.get("mix_prob", 1.0),
         sampler=d.get("sampler", "none"),
         seed=cfg.seed,
+        decode_cache=d.decode_cache,
+        decode_ram_budget=d.decode_ram_budget,
     )
 
 

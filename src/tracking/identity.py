@@ -29,6 +29,7 @@ NOT_IDENTITY = (
     "tune",  # tune=lr_find trains nothing
     "lr_find.cache_dir",
     "data.num_workers",
+    "data.decode_ram_budget",  # ram or disk: the same pixels either way
     "data.audit_duplicates",  # a report, not a change to training
     "data.near_duplicate_distance",  # matters only with data.groups=auto, where the split digest records it
     "data.train_dir",  # the data version and split digest stand for the data itself
