@@ -247,6 +247,7 @@ def train(cfg: DictConfig) -> float:
     if tune not in (None, "lr_find"):
         raise UserError(f"tune={tune} is not supported; use tune=lr_find or leave it out")
     if tune == "lr_find":
+        cfg = with_resolved_data(cfg)  # resolved as the folds resolve it: lr=auto finds this run's cache entry
         datamodule = build_datamodule(cfg, 0)
         return tuning.lr_find(cfg, data_version(datamodule), prepare_fold)
     if cfg.fold == "all":
