@@ -34,7 +34,8 @@ from src.sample_data import write_digits  # noqa: E402
 
 # The sample experiment's from-scratch setting; the recipe keeps its own choices (optimizer, schedule,
 # augmentation, loss, EMA, imbalance handling) and only takes the data set's size and the from-scratch weights.
-COMMON = ["logger=none", "data.audit_duplicates=false", "data.num_workers=auto", "n_folds=5", "fold=all"]
+# data.hflip=false: a mirrored digit is another digit (or none), as a user with text or digits would set it.
+COMMON = ["logger=none", "data.audit_duplicates=false", "data.hflip=false", "n_folds=5", "fold=all"]
 SETTINGS = {
     "plain": ["experiment=sample"],
     "recipe": [
