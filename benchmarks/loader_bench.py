@@ -7,10 +7,12 @@ with `data.decode_cache=none`, `ram` and `disk`.
 Data: photo-sized JPEGs (about 500x375, varied aspect ratios, smooth content plus noise, quality 90) written
 once to the work folder, 5 classes; fold 0 of 5 is the training set. Each arm builds the project's own
 FoldDataModule (data.augment=true, data.num_workers=auto unless --workers) and reads its training loader for
-`--epochs` epochs, no model. The none/ram/disk arms deliver normalised float batches, as a CPU trainer gets them;
-the `ram, uint8` arm delivers the uint8 crops a GPU trainer gets (the model scales and normalises them on the
-GPU). Epoch 1 of the store arms includes building the store (a `disk` store is deleted first, so it is written
-cold). The load average and CPU busy fraction before each arm are recorded.
+`--epochs` epochs, no model. Images are resized to 256 px (what resnet18's weights resize to for a 224 crop) and
+then cropped. The `none` arm delivers normalised float batches; the store arms deliver the uint8 crops every
+trainer gets from the store (the model scales and normalises a whole batch on its device, a few ms per batch on a
+CPU); `ram, float` converts in the workers instead, for comparison. Epoch 1 of the store arms includes
+building the store (a `disk` store is deleted first, so it is written cold). The load average and CPU busy
+fraction before each arm are recorded.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def measure(mode: str, uint8: bool, train_dir: Path, work: Path, args: argparse.
         0,
         5,
         image_size=args.image_size,
+        resize_size=round(args.image_size * 256 / 224),
         augment=True,
         batch_size=args.batch_size,
         num_workers=args.workers,
@@ -110,7 +113,7 @@ def main() -> None:
     train_dir = work / f"photos_{args.images}"
     if not train_dir.is_dir():
         write_photos(train_dir, args.images)
-    arms = {"none": ("none", False), "ram": ("ram", False), "disk": ("disk", False), "ram, uint8": ("ram", True)}
+    arms = {"none": ("none", False), "ram": ("ram", True), "disk": ("disk", True), "ram, float": ("ram", False)}
     results = {name: measure(mode, uint8, train_dir, work, args) for name, (mode, uint8) in arms.items()}
     base = results["none"]["later_median_images_per_s"]
     print(

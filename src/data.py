@@ -541,15 +541,13 @@ class FoldDataModule(L.LightningDataModule):
         )
 
     def uint8_on_device(self) -> bool:
-        """Whether stored images leave the loader as uint8 for the model to convert on its device: on a GPU, where
-        that is nearly free and a uint8 batch is a quarter of the bytes to copy; a CPU trainer gets float batches
-        from the workers, as without the store. `uint8_batches` (None: decide from the trainer) overrides it."""
-        if self.mixing:  # MixUp/CutMix blend float images
+        """Whether stored images leave the loader as uint8 for the model to scale and normalise (ImageClassifier.
+        forward): one vectorised operation per batch in the training process, on its device, instead of one per
+        image in the workers, and a quarter of the bytes to pass between processes and copy to a GPU. MixUp/CutMix
+        blend float images, so they get float batches; `uint8_batches` (None: decide) overrides it."""
+        if self.mixing:
             return False
-        if self.uint8_batches is not None:
-            return self.uint8_batches
-        trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type != "cpu"
+        return True if self.uint8_batches is None else self.uint8_batches
 
     def decoded_images(self) -> DecodedImages:
         """The decoded-image store of every image, built (or found on disk) once, in this process."""
