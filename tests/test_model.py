@@ -240,3 +240,19 @@ def test_images_or_features_decide_the_path_and_anything_else_is_refused() -> No
     model = ImageClassifier("resnet18", CLASSES, image_size=32, freeze_backbone=True, weights=None).eval()
     with pytest.raises(ValueError, match=r"\(N, D\), got a tensor of shape \(2, 512, 1\)"):
         model(torch.zeros(2, 512, 1))
+
+
+def test_frozen_checkpoints_hold_the_head_and_refuse_another_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=True)
+    checkpoint = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    trained.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
+    assert not any(k.startswith("backbone.") for k in state) and "head.weight" in state
+    torch.save(checkpoint, tmp_path / "head.ckpt")
+    net, _ = load_model_file(tmp_path / "head.ckpt")  # the random-init backbone is rebuilt from its RNG state
+    assert torch.equal(net.state_dict()["layer1.0.conv1.weight"], trained.backbone.layer1[0].conv1.weight)
+    torch.manual_seed(1)
+    other = ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=True)
+    with pytest.raises(UserError, match="another frozen resnet18 backbone"):
+        other.load_checkpoint_weights(torch.load(tmp_path / "head.ckpt", weights_only=True))
