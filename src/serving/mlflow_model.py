@@ -60,13 +60,19 @@ def _as_model_file(path: Path, staging: Path, i: int) -> Path:
 
 
 def log_ensemble_model(
-    model_files: Sequence[str | Path], *, tta: str = "none", temperature: float = 1.0, name: str = "ensemble"
+    model_files: Sequence[str | Path],
+    *,
+    tta: str = "none",
+    temperature: float = 1.0,
+    name: str = "ensemble",
+    input_example: bool = True,
 ) -> Any:
     """Log the fold models as one MLflow model `name` on the active run; return its ModelInfo.
 
     Call it inside `mlflow.start_run(run_id=...)` (the configuration's parent run). The model is the
     self-contained src/serving/ensemble_model.py with the files under artifacts/ensemble/ (ensemble.json and
     model_<i>.pth); one file makes an ensemble of one. Register it with `mlflow.register_model(info.model_uri, ...)`.
+    `input_example=False` logs no example, which also skips MLflow's check that loads and runs the model (~1 s).
     """
     import mlflow
 
@@ -90,7 +96,7 @@ def log_ensemble_model(
             python_model=ensemble_model.__file__,
             artifacts={ARTIFACT: str(staging / ARTIFACT)},
             signature=signature(config["classes"]),
-            input_example=example_frame(),
+            input_example=example_frame() if input_example else None,
             pip_requirements=pip_requirements(),
             metadata={"kind": KIND, "n_models": len(files), **metadata},
         )

@@ -178,12 +178,19 @@ class FoldRun:
         self._log_config()
         for path in result["files"].values():
             client.log_artifact(self.run_id, str(path), "reports")
-        client.log_artifact(self.run_id, str(result["model_file"]), "exported")
+        model_file = Path(result["model_file"])
+        client.log_artifact(self.run_id, str(model_file), "exported")
         store.use(self.uri)
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            from src.tracking.models import log_pytorch_model
+            from src.serving import log_ensemble_model
 
-            info = log_pytorch_model(result)
+            # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble.
+            info = log_ensemble_model([model_file], name="model", input_example=False)
+        for location in (
+            client.get_run(self.run_id).info.artifact_uri,
+            mlflow.get_logged_model(info.model_id).artifact_location,
+        ):
+            store.link_copies(location, [model_file])  # one copy of the network on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
         self.stop_system_metrics()
         client.set_terminated(self.run_id, "FINISHED")
