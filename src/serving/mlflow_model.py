@@ -51,11 +51,14 @@ def signature(classes: Sequence[str]) -> Any:
 
 def _as_model_file(path: Path, staging: Path, i: int) -> Path:
     """A torchvision-layout .pth for `path`: itself, or a Lightning .ckpt converted (read through src.model)."""
+    from src.errors import UserError
     from src.model import load_model_file, save_model_file
 
-    net, meta = load_model_file(path)  # UserError with a hint for a missing or unreadable file
-    if path.suffix == ".pth":
+    if path.suffix == ".pth":  # save_ensemble reads its metadata; building the network here would cost ~0.2 s
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist; pass models/*.pth files written by train.py")
         return path
+    net, meta = load_model_file(path)  # UserError with a hint for a missing or unreadable file
     return save_model_file(staging / f"converted_{i}.pth", net.state_dict(), meta)
 
 
