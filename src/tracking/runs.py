@@ -8,6 +8,7 @@ A crash, Ctrl-C or SIGTERM closes it FAILED or KILLED instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import subprocess
@@ -30,7 +31,10 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "run_type"  # cv_parent | fold | test
 
 
+@functools.cache
 def git_tags() -> dict[str, str]:
+    """The commit and dirty flag of the code this process imported at its start: read once, not per sweep job."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
