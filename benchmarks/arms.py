@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
+from hydra.experimental.callback import Callback as HydraCallback
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -42,6 +43,48 @@ class EpochTimer(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.write_text(json.dumps(self.epochs))
+
+
+_IN_STEPS = {"seconds": 0.0, "steps": 0}  # StepTimer adds, JobTimer reads: both live in the job's process
+
+
+class StepTimer(L.Callback):
+    """Seconds inside training and validation steps (batch start to batch end: forward, loss, backward,
+    optimizer step, metric updates), summed over the job; JobTimer subtracts them from the job's wall time.
+
+    Added as `+callbacks.step_timer={_target_:benchmarks.arms.StepTimer}`.
+    """
+
+    def _start(self, *args: Any) -> None:
+        self.start = time.perf_counter()
+
+    def _end(self, *args: Any) -> None:
+        _IN_STEPS["seconds"] += time.perf_counter() - self.start
+        _IN_STEPS["steps"] += 1
+
+    on_train_batch_start = on_validation_batch_start = _start
+    on_train_batch_end = on_validation_batch_end = _end
+
+
+class JobTimer(HydraCallback):
+    """One JSON line per Hydra job: its wall time (Hydra's job start to job end), the seconds inside training
+    and validation steps (StepTimer), and the rest, the job's fixed cost.
+
+    Added as `+hydra.callbacks.job_timer={_target_:benchmarks.arms.JobTimer,path:...}`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        _IN_STEPS.update(seconds=0.0, steps=0)
+        self.start = time.perf_counter()
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        wall = time.perf_counter() - self.start
+        row = {"wall_s": wall, "step_s": _IN_STEPS["seconds"], "steps": _IN_STEPS["steps"]}
+        with self.path.open("a") as f:
+            f.write(json.dumps({**row, "fixed_s": wall - row["step_s"]}) + "\n")
 
 
 def bare_train(

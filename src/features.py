@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 from src.data import FoldDataModule, ImageDataset, make_loader, resolve_augment
 from src.errors import UserError
 from src.evaluation import predict
-from src.model import ImageClassifier
+from src.model import ImageClassifier, digest_module
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +94,15 @@ def digest_bytes(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def digest_module(module: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of every parameter and buffer."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_key(backbone_name: str, backbone: nn.Module, transform: v2.Transform) -> dict[str, object]:
-    """Everything a cached feature depends on besides the image bytes."""
+def cache_key(
+    backbone_name: str, backbone: nn.Module, transform: v2.Transform, weights_sha256: str | None = None
+) -> dict[str, object]:
+    """Everything a cached feature depends on besides the image bytes (`weights_sha256`: the backbone's digest,
+    when the caller already has it)."""
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone_name,
-        "weights_sha256": digest_module(backbone),
+        "weights_sha256": weights_sha256 or digest_module(backbone),
         "transform": repr(transform),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__},
     }
@@ -158,6 +151,7 @@ def cached_features(
     batch_size: int,
     num_workers: int,
     device: torch.device | str = "cpu",
+    weights_sha256: str | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(features, number computed now): row i holds the backbone features of `root/paths[i]`.
 
@@ -165,7 +159,7 @@ def cached_features(
     feature does not depend on the batch it was computed in). The global torch RNG is left as it
     was, so a run shuffles and initialises exactly as it would without the cache.
     """
-    key = cache_key(backbone_name, backbone, transform)
+    key = cache_key(backbone_name, backbone, transform, weights_sha256)
     folder = entry_folder(cache_dir, key)
     folder.mkdir(parents=True, exist_ok=True)
     digests = [digest_bytes(Path(root) / p) for p in paths]
@@ -226,6 +220,7 @@ def attach_cached_features(cfg: DictConfig, model: ImageClassifier, datamodule: 
         datamodule.batch_size,
         datamodule.num_workers,
         feature_device(cfg),
+        model.backbone_digest(),
     )
     log.info("training the head on cached %s features (cache_features=%s)", cfg.model.name, cfg.cache_features)
     return True

@@ -10,6 +10,7 @@ empty except for googlenet and inception_v3).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -36,6 +37,18 @@ MODEL_FILE_FORMAT = 1
 # loss) and with `transform_input`, which re-normalises ImageNet-normalised input the way those weights were
 # trained. Random init gets the same form, so that every model file of a backbone has one layout.
 AUX_CLASSIFIERS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+# A frozen backbone's checkpoints hold the head alone plus this reference to the backbone (see ImageClassifier).
+FROZEN_BACKBONE_KEY = "frozen_backbone"
+
+
+def digest_module(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and values of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def native_kwargs(name: str) -> dict[str, Any]:
@@ -254,8 +267,11 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # Random init is rebuilt from this RNG state when a head-only checkpoint is loaded elsewhere.
+        self._init_rng_state = torch.get_rng_state() if weights is None else None
         self.backbone, self.head, self.head_attr = build_network(backbone, len(classes), weights)
         self.freeze_backbone = freeze_backbone
+        self._backbone_sha256: str | None = None
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -273,6 +289,42 @@ class ImageClassifier(L.LightningModule):
         )
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
+
+    def backbone_digest(self) -> str:
+        """The frozen backbone's digest, computed once (~0.1 s for ResNet18): its weights never change."""
+        if self._backbone_sha256 is None or not self.freeze_backbone:
+            self._backbone_sha256 = digest_module(self.backbone)
+        return self._backbone_sha256
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A frozen backbone is left out: the checkpoint holds the head (and optimizer) plus the backbone's
+        digest and how to rebuild it, kilobytes instead of the whole network on every save."""
+        if not self.freeze_backbone:
+            return
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.")]:
+            del state[key]
+        checkpoint[FROZEN_BACKBONE_KEY] = {"sha256": self.backbone_digest(), "init_rng_state": self._init_rng_state}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put this module's own backbone into a head-only checkpoint, once its digest shows it is the one
+        the head was trained on."""
+        ref = checkpoint.get(FROZEN_BACKBONE_KEY)
+        if ref is None:
+            self._backbone_sha256 = None  # a whole-network checkpoint may bring other backbone weights
+            return
+        if ref["sha256"] != self.backbone_digest():
+            raise UserError(
+                f"the checkpoint's head was trained on another frozen {self.hparams.backbone} backbone "
+                f"(sha256 {ref['sha256'][:12]}, this one {self.backbone_digest()[:12]}); use the same model.weights "
+                f"it was trained with, or start the fold afresh with resume=false"
+            )
+        checkpoint["state_dict"].update((f"backbone.{k}", v) for k, v in self.backbone.state_dict().items())
+
+    def load_checkpoint_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Load a checkpoint's weights, whole-network or head-only, outside a Trainer."""
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
@@ -380,6 +432,21 @@ class ChannelsLast(L.Callback):
         pl_module.to(memory_format=torch.channels_last)
 
 
+def _module_for_checkpoint(saved: dict[str, Any]) -> ImageClassifier:
+    """An ImageClassifier to load a Lightning checkpoint into; for a head-only one, with its frozen backbone
+    rebuilt the way training built it (the same weights file or enum, or the same random init)."""
+    hp, ref = saved["hyper_parameters"], saved.get(FROZEN_BACKBONE_KEY)
+    if ref is None:
+        return ImageClassifier(**{**hp, "weights": None})
+    with torch.random.fork_rng(devices=[]):
+        if ref.get("init_rng_state") is not None:
+            torch.set_rng_state(ref["init_rng_state"])
+        try:
+            return ImageClassifier(**hp)
+        except UserError as err:
+            raise UserError(f"this checkpoint holds the head alone and its backbone cannot be rebuilt: {err}") from err
+
+
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained network (eval mode) and its metadata from an exported `.pth` or a Lightning `.ckpt`."""
     path = Path(path)
@@ -394,9 +461,8 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"ckpt={path} is not a readable PyTorch file ({type(err).__name__}); re-export or pick another checkpoint"
         ) from err
     if isinstance(saved, dict) and "hyper_parameters" in saved and "state_dict" in saved:
-        hp = saved["hyper_parameters"]
-        module = ImageClassifier(**{**hp, "weights": None})
-        module.load_state_dict(saved["state_dict"])
+        module = _module_for_checkpoint(saved)
+        module.load_checkpoint_weights(saved)
         meta = module.model_meta()
         return native_network(meta["backbone"], len(meta["classes"]), module.native_state_dict()), meta
     if isinstance(saved, dict) and {"state_dict", "classes", "backbone", "image_size"} <= saved.keys():

@@ -75,8 +75,9 @@ def _from_onnx(path: Path, origin: dict[str, str]) -> LoadedModel:
 
 
 def _native(net: Any, meta: dict[str, Any]) -> Any:
-    """A pt2 (torch.export) network logged by train.py, rebuilt as the plain torchvision module it was exported from
-    (same state-dict layout), so that it runs channels-last or through onnxruntime like any model file."""
+    """A pt2 (torch.export) network logged by earlier versions of train.py, rebuilt as the plain torchvision
+    module it was exported from (same state-dict layout), so that it runs channels-last or through onnxruntime
+    like any model file."""
     import torch
 
     from src.model import native_network
@@ -121,7 +122,7 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
             local = mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=uri)
             return _from_onnx(Path(local), {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]})
         metadata = mlflow.models.get_model_info(ref).metadata or {}
-        if metadata.get("kind") != "cv_ensemble":  # a fold model logged by train.py (pt2)
+        if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
             net, meta, origin = tracking.load_logged_model(ref, uri)
             return _from_single(_native(net, meta), meta, origin)
         if ref.startswith("models:/"):

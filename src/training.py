@@ -418,6 +418,8 @@ def train_fold(cfg: DictConfig) -> float:
         result = finish_fold(cfg, fold, trainer, model, datamodule, out_dir, run.run_id if run else None)
         if run:
             run.finish(result)
+        if hasattr(trainer.checkpoint_callback, "remove_last"):
+            trainer.checkpoint_callback.remove_last()
     log.info("best_val_accuracy=%.4f (fold %d) -> %s", result["best_val_accuracy"], fold, result["model_file"])
     print(f"best_val_accuracy: {result['best_val_accuracy']:.4f}")
     return result["best_val_accuracy"]
@@ -454,8 +456,7 @@ def finish_fold(
     checkpoint = trainer.checkpoint_callback
     if checkpoint is None or not checkpoint.best_model_path:
         raise UserError("no checkpoint was saved; keep callbacks.model_checkpoint and at least one validation epoch")
-    best_state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(best_state)
+    model.load_checkpoint_weights(torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True))
     device = trainer.strategy.root_device
     pred = evaluation.predict(model, datamodule.val_dataloader(), device)
     classes = datamodule.classes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,9 @@ def test_train_one_fold_writes_model_reports_and_split(trained: Path) -> None:
     for name in ("curves_loss.png", "curves_accuracy.png", "val_confusion_matrix.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "macro avg" in (out / "val_classification_report.txt").read_text()
-    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    # best.ckpt stays (weights only; here, frozen, the head and the backbone digest); last.ckpt goes with the fold
+    assert (out / "checkpoints" / "best.ckpt").is_file() and not (out / "checkpoints" / "last.ckpt").exists()
+    assert os.path.getsize(out / "checkpoints" / "best.ckpt") < 1_000_000
 
 
 def test_test_py_scores_the_exported_pth_and_the_ckpt_alike(trained: Path, image_root: Path) -> None:

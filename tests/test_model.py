@@ -276,3 +276,19 @@ def test_a_regularised_run_saves_its_preprocessing_with_the_model_and_in_the_par
         "232", "224", "bilinear"
     )  # fmt: skip
     assert params["data.augment"] == "basic"
+
+
+def test_frozen_checkpoints_hold_the_head_and_refuse_another_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=True)
+    checkpoint = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    trained.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
+    assert not any(k.startswith("backbone.") for k in state) and "head.weight" in state
+    torch.save(checkpoint, tmp_path / "head.ckpt")
+    net, _ = load_model_file(tmp_path / "head.ckpt")  # the random-init backbone is rebuilt from its RNG state
+    assert torch.equal(net.state_dict()["layer1.0.conv1.weight"], trained.backbone.layer1[0].conv1.weight)
+    torch.manual_seed(1)
+    other = ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=True)
+    with pytest.raises(UserError, match="another frozen resnet18 backbone"):
+        other.load_checkpoint_weights(torch.load(tmp_path / "head.ckpt", weights_only=True))

@@ -147,6 +147,9 @@ def test_resume_without_mlflow_needs_a_checkpoint_path(image_root: Path, tmp_pat
     killed = run_cli("train.py", *base, "+callbacks.stop._target_=tests.helpers.SignalAfterFirstEpoch")
     assert killed.returncode != 0
     last = tmp_path / "outputs" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)  # unfinished: last.ckpt is there, the head and optimizer alone
+    assert saved["epoch"] == 0 and saved["optimizer_states"] and len(saved["frozen_backbone"]["sha256"]) == 64
+    assert not any(k.startswith("backbone.") for k in saved["state_dict"])
     resumed = run_cli(
         "train.py",
         *tiny_overrides(image_root, tmp_path / "b"),
@@ -158,3 +161,4 @@ def test_resume_without_mlflow_needs_a_checkpoint_path(image_root: Path, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with (tmp_path / "outputs" / "history.csv").open() as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+    assert not last.exists() and (last.parent / "best.ckpt").is_file()  # finished: last.ckpt is gone

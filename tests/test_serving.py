@@ -104,7 +104,7 @@ def test_images(image_root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def store(work: Path, folds: list[Path]) -> Iterator[dict[str, str]]:
     """A sqlite store holding a parent run with the 2-fold ensemble (registered, alias champion) and a fold run with
-    a pt2 model and its exported file, both logged as the lead's tracking code and train.py log them."""
+    a pt2 model (as earlier versions of train.py logged folds; it must keep loading) and its exported file."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("serving", artifact_location=str(work / "artifacts"))

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from src.leaderboard import collect, render
 from src.sample_data import write_digits
+from src.tracking.store import local_dir
 from tests.conftest import run_cli, tiny_overrides
 from tests.helpers import free_port, mlflow_server
 
@@ -149,6 +150,10 @@ def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path
         [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
     )
     assert len(models) == 1 and models[0].name == "model"
+    # One copy on disk: the exported artifact and the fold's MLflow model are hard links to the run's own file.
+    assert (local_dir(client.get_run(child.info.run_id).info.artifact_uri) / "exported" / own.name).samefile(own)
+    (in_model,) = local_dir(models[0].artifact_location).rglob("model_0.pth")
+    assert in_model.samefile(own)
 
 
 def test_out_of_fold_predictions_cover_every_image_once(sweep_store: tuple[str, Path], image_root: Path) -> None:
@@ -239,6 +244,17 @@ def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[
     assert (tmp / "test-run-2" / "test_metrics.json").read_text() == (out / "test_metrics.json").read_text().replace(
         "models:/resnet18_classifier@champion", f"models:/resnet18_classifier/{champion.version}"
     )
+    fold_run = runs_by_type(client, "fold")[0]  # a single fold's MLflow model scores too
+    fold = run_cli(
+        "test.py",
+        f"ckpt=runs:/{fold_run.info.run_id}/model",
+        "logger=none",
+        f"data.test_dir={image_root / 'test'}",
+        f"hydra.run.dir={tmp / 'test-run-fold'}",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert fold.returncode == 0, fold.stderr[-3000:]
+    assert json.loads((tmp / "test-run-fold" / "test_metrics.json").read_text())["n_images"] == 9
 
 
 def test_a_rerun_fold_joins_its_parent_and_replaces_the_fold(sweep_store: tuple[str, Path], image_root: Path) -> None:

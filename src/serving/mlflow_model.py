@@ -51,22 +51,31 @@ def signature(classes: Sequence[str]) -> Any:
 
 def _as_model_file(path: Path, staging: Path, i: int) -> Path:
     """A torchvision-layout .pth for `path`: itself, or a Lightning .ckpt converted (read through src.model)."""
+    from src.errors import UserError
     from src.model import load_model_file, save_model_file
 
-    net, meta = load_model_file(path)  # UserError with a hint for a missing or unreadable file
-    if path.suffix == ".pth":
+    if path.suffix == ".pth":  # save_ensemble reads its metadata; building the network here would cost ~0.2 s
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist; pass models/*.pth files written by train.py")
         return path
+    net, meta = load_model_file(path)  # UserError with a hint for a missing or unreadable file
     return save_model_file(staging / f"converted_{i}.pth", net.state_dict(), meta)
 
 
 def log_ensemble_model(
-    model_files: Sequence[str | Path], *, tta: str = "none", temperature: float = 1.0, name: str = "ensemble"
+    model_files: Sequence[str | Path],
+    *,
+    tta: str = "none",
+    temperature: float = 1.0,
+    name: str = "ensemble",
+    input_example: bool = True,
 ) -> Any:
     """Log the fold models as one MLflow model `name` on the active run; return its ModelInfo.
 
     Call it inside `mlflow.start_run(run_id=...)` (the configuration's parent run). The model is the
     self-contained src/serving/ensemble_model.py with the files under artifacts/ensemble/ (ensemble.json and
     model_<i>.pth); one file makes an ensemble of one. Register it with `mlflow.register_model(info.model_uri, ...)`.
+    `input_example=False` logs no example, which also skips MLflow's check that loads and runs the model (~1 s).
     """
     import mlflow
 
@@ -90,7 +99,7 @@ def log_ensemble_model(
             python_model=ensemble_model.__file__,
             artifacts={ARTIFACT: str(staging / ARTIFACT)},
             signature=signature(config["classes"]),
-            input_example=example_frame(),
+            input_example=example_frame() if input_example else None,
             pip_requirements=pip_requirements(),
             metadata={"kind": KIND, "n_models": len(files), **metadata},
         )

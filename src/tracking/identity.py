@@ -47,6 +47,8 @@ NOT_IDENTITY = (
     "callbacks.model_checkpoint.dirpath",
     "callbacks.model_checkpoint.filename",
     "callbacks.model_checkpoint.save_last",
+    "callbacks.model_checkpoint._target_",  # which files are kept, not what is trained
+    "callbacks.model_checkpoint.best_weights_only",
 )
 # Left out of a parent's name too: paths and presets, which name no hyper-parameter.
 NOT_IN_NAME = (*NOT_IDENTITY, "experiment", "hydra", "trainer")

@@ -1,4 +1,4 @@
-"""MLflow models of single folds: logging the trained network, and loading any logged model back."""
+"""Loading a single logged model back: a fold run's exported file, or a pt2 model (logged by earlier versions)."""
 
 from __future__ import annotations
 
@@ -6,40 +6,6 @@ from typing import Any
 
 from src.errors import UserError
 from src.tracking import store
-
-# What a served fold model needs besides its weights (src.serving.preprocessing_from_meta reads the sizes).
-META_KEYS = ("backbone", "classes", "image_size", "resize_size", "crop_size", "interpolation", "mean", "std")
-
-
-def log_pytorch_model(result: dict[str, Any]) -> Any:
-    """Log the plain torchvision network with `mlflow.pytorch.log_model` in the pt2 format.
-
-    pt2 (torch.export) is chosen deliberately: loading it runs no pickled code and needs
-    none of this project's classes, and the batch dimension stays dynamic because the
-    example batch has two images; the image size is fixed, as it is for the model itself.
-    """
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    from src.model import native_network
-
-    meta = result["meta"]
-    net = native_network(meta["backbone"], len(meta["classes"]), result["model"].native_state_dict())
-    size = meta["image_size"]
-    example = torch.zeros(2, 3, size, size).numpy()
-    with torch.inference_mode():
-        output = net(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        net,
-        name="model",
-        serialization_format="pt2",
-        input_example=example.astype(np.float32),
-        signature=infer_signature(example, output),
-        metadata={k: meta[k] for k in META_KEYS if k in meta},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
 
 
 def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str, str]]:

@@ -8,6 +8,7 @@ A crash, Ctrl-C or SIGTERM closes it FAILED or KILLED instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import subprocess
@@ -30,7 +31,10 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "run_type"  # cv_parent | fold | test
 
 
+@functools.cache
 def git_tags() -> dict[str, str]:
+    """The commit and dirty flag of the code this process imported at its start: read once, not per sweep job."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
@@ -178,12 +182,19 @@ class FoldRun:
         self._log_config()
         for path in result["files"].values():
             client.log_artifact(self.run_id, str(path), "reports")
-        client.log_artifact(self.run_id, str(result["model_file"]), "exported")
+        model_file = Path(result["model_file"])
+        client.log_artifact(self.run_id, str(model_file), "exported")
         store.use(self.uri)
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            from src.tracking.models import log_pytorch_model
+            from src.serving import log_ensemble_model
 
-            info = log_pytorch_model(result)
+            # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble.
+            info = log_ensemble_model([model_file], name="model", input_example=False)
+        for location in (
+            client.get_run(self.run_id).info.artifact_uri,
+            mlflow.get_logged_model(info.model_id).artifact_location,
+        ):
+            store.link_copies(location, [model_file])  # one copy of the network on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
         self.stop_system_metrics()
         client.set_terminated(self.run_id, "FINISHED")

@@ -122,6 +122,10 @@ def _download_models(uri: str, fold_runs: list[Any], folder: Path) -> dict[int, 
     files = {}
     for run in fold_runs:
         fold = int(run.data.tags["fold"])
+        own = store.local_dir(run.info.artifact_uri)
+        if own is not None and sorted((own / "exported").glob("*.pth")):  # read in place: a local store
+            (files[fold],) = sorted((own / "exported").glob("*.pth"))
+            continue
         local = mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="exported", dst_path=str(folder / str(fold)), tracking_uri=uri
         )
@@ -240,6 +244,7 @@ def _log_ensemble(
     store.use(uri)
     with mlflow.start_run(run_id=parent_id, log_system_metrics=False):
         info = log_ensemble_model(files, tta=tta, temperature=float(temperature), name="ensemble")
+    store.link_copies(mlflow.get_logged_model(info.model_id).artifact_location, files)  # no second copies
     client = store.client(uri)
     client.set_tag(parent_id, "ensemble_model_uri", info.model_uri)
     settings = cfg.logger.get("registry") or {}
