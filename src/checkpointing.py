@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
-
+# Checkpoint entries a weights-only `best` leaves out: optimizer, schedules, callback states and the raw weights
+# that weight averaging keeps beside the averaged ones ("averaging_state", its step count, stays).
+RESUME_ONLY = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state")
 
 class FoldCheckpoint(ModelCheckpoint):
     """ModelCheckpoint with a weights-only `best` and a `last` refreshed after every validation.
@@ -31,12 +34,21 @@ class FoldCheckpoint(ModelCheckpoint):
         self._last_step: int | None = None
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        configured = self.save_weights_only
-        self.save_weights_only = configured or (self.best_weights_only and filepath != self.last_model_path)
-        try:
+        if self.save_weights_only or not self.best_weights_only or filepath == self.last_model_path:
             super()._save_checkpoint(trainer, filepath)
-        finally:
-            self.save_weights_only = configured
+            return
+        # Lightning's weights-only dump skips the callbacks' on_save_checkpoint, where weight averaging (EMA) puts
+        # its averaged weights into the state dict: dump everything, then leave out what only resuming needs.
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        for key in RESUME_ONLY:
+            checkpoint.pop(key, None)
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        trainer.strategy.barrier("FoldCheckpoint.save_best")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 from conftest import write_images
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src import loss, tuning
 from src.features import digest_module
@@ -173,14 +173,23 @@ def test_ema_weights_are_validated_checkpointed_and_exported(
         "model.freeze_backbone=false",
         "epochs=2",
     )
-    best = train(cfg)
     out = tmp_path / "outputs"
+    # A full best checkpoint keeps the raw weights beside the averaged ones: the export holds the averaged.
+    train(OmegaConf.merge(cfg, {"callbacks": {"model_checkpoint": {"best_weights_only": False}}}))
     checkpoint = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     exported = torch.load(next((out / "model").glob("*.pth")), map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(exported["fc.weight"], averaged["head.weight"])
     assert torch.equal(exported["layer1.0.conv1.weight"], averaged["backbone.layer1.0.conv1.weight"])
     assert not torch.equal(exported["layer1.0.conv1.weight"], raw["backbone.layer1.0.conv1.weight"])
+    # The default weights-only best still holds the averaged weights (the averaging state shows EMA wrote them).
+    out = tmp_path / "outputs-weights-only"
+    best = train(OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}}))
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert "averaging_state" in checkpoint and "optimizer_states" not in checkpoint
+    assert "current_model_state" not in checkpoint
+    exported = torch.load(next((out / "model").glob("*.pth")), map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(exported["fc.weight"], checkpoint["state_dict"]["head.weight"])
     # best_val_accuracy is the accuracy of the kept (balanced-accuracy-best) checkpoint on the validation fold.
     rows = read_rows(out / "val_predictions.csv")
     assert best == pytest.approx(sum(r["true"] == r["predicted"] for r in rows) / len(rows))
