@@ -298,8 +298,10 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A frozen backbone is left out: the checkpoint holds the head (and optimizer) plus the backbone's
-        digest and how to rebuild it, kilobytes instead of the whole network on every save."""
-        if not self.freeze_backbone:
+        digest and how to rebuild it, kilobytes instead of the whole network on every save. Only a backbone frozen
+        for the whole run (`hparams.freeze_backbone`) is: gradual fine-tuning's head epochs freeze it for a while,
+        and their checkpoints must still hold it, since the backbone trains afterwards."""
+        if not self.hparams.freeze_backbone:
             return
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("backbone.")]:

@@ -77,15 +77,22 @@ def test_gradual_trains_the_head_on_features_then_everything_at_its_own_lr(
         make_cfg,
         tmp_path,
         "finetune=gradual",
-        "finetune.head_epochs=1",
+        "finetune.head_epochs=2",
         "finetune.backbone_lr_mult=0.25",
-        "epochs=2",
+        "epochs=3",
         "lr=0.01",
         f"model.weights={weights}",
         f"+callbacks.probe={{_target_: tests.test_recipe.PhaseProbe, path: '{probe}'}}",
+        "+callbacks.model_checkpoint.save_top_k=-1",  # keep the head epoch's checkpoint too
     )
     train(cfg)
-    head_phase, full_phase = json.loads(probe.read_text())
+    head_phase, second_head_epoch, full_phase = json.loads(probe.read_text())
+    assert second_head_epoch["backbone"] == head_phase["start"] and not second_head_epoch["trains"]
+    # Every checkpoint holds the backbone, the head epochs' too: it trains afterwards, so no digest could rebuild it.
+    saved = sorted((tmp_path / "outputs" / "checkpoints").glob("best*.ckpt"))
+    assert len(saved) == 3
+    for path in saved:
+        assert "backbone.conv1.weight" in torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     # Phase 1: cached features, frozen backbone (weights and BatchNorm statistics unchanged).
     assert head_phase["ndim"] == head_phase["val_ndim"] == 2 and not head_phase["trains"]
     assert head_phase["backbone"] == head_phase["start"]
@@ -94,7 +101,7 @@ def test_gradual_trains_the_head_on_features_then_everything_at_its_own_lr(
     assert full_phase["backbone"] != head_phase["backbone"]
     assert full_phase["initial_lrs"] == pytest.approx([0.01, 0.0025])
     # One history across both phases.
-    assert [int(r["epoch"]) for r in read_rows(tmp_path / "outputs" / "history.csv")] == [0, 1]
+    assert [int(r["epoch"]) for r in read_rows(tmp_path / "outputs" / "history.csv")] == [0, 1, 2]
 
 
 def test_gradual_refuses_a_frozen_backbone_and_says_so_without_weights(
