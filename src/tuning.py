@@ -35,13 +35,18 @@ def is_auto(cfg: DictConfig) -> bool:
 
 
 def cache_key(cfg: DictConfig, data: dict[str, str]) -> str:
-    """The identity hash of `cfg` with `lr`, `fold` and `tune` blanked, plus the data version and split digest."""
+    """The identity hash of `cfg` with `lr`, `fold` and `tune` blanked, plus the data version and split digest.
+
+    `epochs` and `callbacks` are blanked too: the finder runs its own steps with no callbacks, so a longer run or
+    an EMA reuses the same suggestion instead of drawing a new one."""
     from src.tracking.identity import config_hash
 
     keyed = copy.deepcopy(cfg)
     with open_dict(keyed):
         keyed.lr = None
         keyed.tune = None
+        keyed.epochs = None
+        keyed.callbacks = None
     return config_hash(keyed, data)
 
 
