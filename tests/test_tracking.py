@@ -232,28 +232,23 @@ def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[
         "reports/test_confusion_matrix.png",
         "reports/test_classification_report.txt",
     } <= all_artifacts(client, test_run.info.run_id)
-    version = run_cli(
-        "test.py",
-        f"ckpt=models:/resnet18_classifier/{champion.version}",
-        "logger=none",
-        f"data.test_dir={image_root / 'test'}",
-        f"hydra.run.dir={tmp / 'test-run-2'}",
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
-    assert version.returncode == 0, version.stderr[-3000:]
+    def score(ckpt: str, run_dir: str) -> None:
+        result = run_cli(
+            "test.py",
+            f"ckpt={ckpt}",
+            "logger=none",
+            f"data.test_dir={image_root / 'test'}",
+            f"hydra.run.dir={tmp / run_dir}",
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    score(f"models:/resnet18_classifier/{champion.version}", "test-run-2")
     assert (tmp / "test-run-2" / "test_metrics.json").read_text() == (out / "test_metrics.json").read_text().replace(
         "models:/resnet18_classifier@champion", f"models:/resnet18_classifier/{champion.version}"
     )
     fold_run = runs_by_type(client, "fold")[0]  # a single fold's MLflow model scores too
-    fold = run_cli(
-        "test.py",
-        f"ckpt=runs:/{fold_run.info.run_id}/model",
-        "logger=none",
-        f"data.test_dir={image_root / 'test'}",
-        f"hydra.run.dir={tmp / 'test-run-fold'}",
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
-    assert fold.returncode == 0, fold.stderr[-3000:]
+    score(f"runs:/{fold_run.info.run_id}/model", "test-run-fold")
     assert json.loads((tmp / "test-run-fold" / "test_metrics.json").read_text())["n_images"] == 9
 
 
