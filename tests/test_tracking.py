@@ -150,6 +150,9 @@ def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path
         [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
     )
     assert len(models) == 1 and models[0].name == "model"
+    # Artifacts live beside the database, not under the folder the sweep ran from.
+    artifact_dir = local_dir(client.get_run(child.info.run_id).info.artifact_uri)
+    assert artifact_dir.is_relative_to(sweep_store[1] / "mlruns" / "pytorch-classification"), artifact_dir
     # One copy on disk: the exported artifact and the fold's MLflow model are hard links to the run's own file.
     assert (local_dir(client.get_run(child.info.run_id).info.artifact_uri) / "exported" / own.name).samefile(own)
     (in_model,) = local_dir(models[0].artifact_location).rglob("model_0.pth")

@@ -124,14 +124,24 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def default_artifact_location(uri: str, name: str) -> str | None:
+    """For a sqlite store, `<folder of the database>/mlruns/<name>`: MLflow's own default is `./mlruns` under
+    whatever folder the first run started from, so a store reached from elsewhere scattered its artifacts."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / slug).as_uri()
+
+
 def experiment_id(mlflow_client: Any, name: str) -> str:
-    """The id of experiment `name`, created on first use."""
+    """The id of experiment `name`, created on first use (artifacts beside a sqlite database)."""
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return mlflow_client.create_experiment(name)
+            location = default_artifact_location(mlflow_client.tracking_uri, name)
+            return mlflow_client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created by a parallel job in the meantime
             experiment = mlflow_client.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
