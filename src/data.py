@@ -11,17 +11,17 @@ import csv
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, WeightedRandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset, WeightedRandomSampler, default_collate
 from torchvision.transforms import v2
 
 from src.errors import UserError
@@ -392,6 +392,24 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
 
 
+class EpochShuffle(RandomSampler):
+    """A fresh order every epoch that depends on (seed, epoch) alone, like DistributedSampler's `set_epoch`
+    (Lightning calls it at each epoch start): how often a loader is iterated (persistent workers prefetch
+    when Lightning first iterates it) no longer changes the order, and a resumed fit shuffles as the
+    uninterrupted one would. A RandomSampler, so Lightning knows the loader shuffles."""
+
+    def __init__(self, dataset: Sized, seed: int) -> None:
+        super().__init__(dataset)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -400,18 +418,26 @@ def make_loader(
     sampler: Sampler | None = None,
     collate_fn: MixCollate | None = None,
     train: bool | None = None,
+    seed: int | None = None,
 ) -> DataLoader:
     """A DataLoader with persistent workers and pinned memory when they pay off.
 
     A training loader (`train`, by default a shuffled one) drops a last batch of one sample: BatchNorm cannot
-    train on it.
+    train on it. With `seed`, the shuffle order and the workers' seeds come from generators of their own, not
+    from the global RNG: a loader then draws the same numbers with or without workers, persistent or not, and
+    leaves the model's own random draws (initialisation, dropout) as they would be without it.
     """
     train = shuffle if train is None else train
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    order: dict[str, Any] = {"sampler": sampler} if sampler is not None else {"shuffle": shuffle}
+    if shuffle and seed is not None:
+        # No `shuffle` argument beside a sampler: Lightning reads it first when it swaps in a DistributedSampler.
+        order = {"sampler": EpochShuffle(dataset, int(seed))}
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
+        **order,
+        generator=generator,
         collate_fn=collate_fn,
         drop_last=train and len(dataset) % batch_size == 1,
         num_workers=num_workers,
@@ -566,9 +592,11 @@ class FoldDataModule(L.LightningDataModule):
             )
         return self.decoded
 
-    # Features load through the same worker settings as images: in-memory rows need no workers, but
-    # persistent workers draw their seed from the global RNG once per fit rather than once per epoch,
-    # and only equal draws keep shuffling (and any dropout) identical with and without the cache.
+    def loader_workers(self) -> int:
+        """Cached features are rows in memory: workers would only add a process start per fit and a copy per batch.
+        (The loaders' seeded generators keep shuffling identical whatever the worker count.)"""
+        return 0 if self.features is not None else self.num_workers
+
     # data.sampler=balanced draws classes evenly instead of shuffling; MixUp/CutMix apply to images only.
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset(True)
@@ -582,16 +610,19 @@ class FoldDataModule(L.LightningDataModule):
         return make_loader(
             dataset,
             self.batch_size,
-            self.num_workers,
+            self.loader_workers(),
             shuffle=sampler is None,
             sampler=sampler,
             collate_fn=collate,
             train=True,
+            seed=self.seed,
         )
 
     def val_dataloader(self) -> DataLoader:
         dataset = self._dataset(False)
-        return make_loader(dataset, self.batch_size, self.num_workers, sampler=self._validation_shard(dataset))
+        return make_loader(
+            dataset, self.batch_size, self.loader_workers(), sampler=self._validation_shard(dataset), seed=self.seed
+        )
 
     def _validation_shard(self, dataset: Dataset) -> Sampler | None:
         """While a multi-process (DDP) fit runs, this process's share of the validation set, each image in one share.
