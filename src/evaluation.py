@@ -9,16 +9,14 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from src import plots
 
 
 @dataclass
@@ -136,100 +134,14 @@ def class_report(pred: Predictions, classes: Sequence[str], digits: int = 4) -> 
     return text, report
 
 
-def _cell_inches(n: int) -> float:
-    """The side of one matrix cell: room for counts up to 50 classes, then just for a tick label."""
-    return 0.5 if n <= 20 else 0.3 if n <= 50 else 0.2
-
-
-def confusion_matrix_figure(counts: np.ndarray, classes: Sequence[str], title: str) -> Figure:
-    """The confusion matrix (rows: true class, columns: predicted), sized to the number of classes.
-
-    Each class gets a cell of fixed size and tick labels in a font whose line fits that cell; column labels
-    stand vertically, so long names never run into each other, and the margins are measured from the
-    rendered labels, so all of them lie inside the figure. Counts are written in the cells up to 30
-    classes; beyond that a colour bar reads them.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(classes)
-    cell = _cell_inches(n)
-    font = min(10.0, cell * 72 * 0.6)
-    side = max(2.0, n * cell)
-    fig = Figure(figsize=(side, side), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    image = ax.imshow(counts, cmap="Blues", interpolation="nearest", vmin=0)
-    ax.set_xticks(range(n), list(classes), rotation=90, fontsize=font)
-    ax.set_yticks(range(n), list(classes), fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    colorbar = None
-    if n <= 30:
-        threshold = counts.max() / 2 if counts.size else 0
-        for i, j in np.ndindex(counts.shape):
-            color = "white" if counts[i, j] > threshold else "black"
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=0.8 * font, color=color)
-    else:
-        colorbar = fig.add_axes((0.0, 0.0, 0.01, 1.0))
-        fig.colorbar(image, cax=colorbar)
-    _fit_margins(fig, ax, colorbar, side)
-    return fig
-
-
-def _fit_margins(fig: Figure, ax: Axes, colorbar: Axes | None, side: float, pad: float = 0.1) -> None:
-    """Size the figure to a `side`-inch square of cells plus what its labels, title and colour bar need.
-
-    Text sizes are in points, so the margins measured once hold at the final figure size.
-    """
-    renderer = fig.canvas.get_renderer()
-    inner, outer = ax.get_window_extent(renderer), ax.get_tightbbox(renderer)
-    left, bottom = (inner.x0 - outer.x0) / fig.dpi + pad, (inner.y0 - outer.y0) / fig.dpi + pad
-    right, top = (outer.x1 - inner.x1) / fig.dpi + pad, (outer.y1 - inner.y1) / fig.dpi + pad
-    gap, bar = 0.15, 0.2
-    if colorbar is not None:
-        bar_labels = (colorbar.get_tightbbox(renderer).x1 - colorbar.get_window_extent(renderer).x1) / fig.dpi
-        right = max(right, gap + bar + bar_labels + pad)
-    width, height = left + side + right, bottom + side + top
-    fig.set_size_inches(width, height)
-    ax.set_position((left / width, bottom / height, side / width, side / height))
-    if colorbar is not None:
-        colorbar.set_position(((left + side + gap) / width, bottom / height, bar / width, side / height))
-
-
 def plot_confusion_matrix(pred: Predictions, classes: Sequence[str], path: Path, title: str) -> Path:
-    """Save the confusion matrix of `pred` as a PNG (layout: `confusion_matrix_figure`)."""
-    confusion_matrix_figure(confusion_counts(pred, len(classes)), classes, title).savefig(path, dpi=100)
-    return path
+    """Save the confusion matrix of `pred` as a PNG now (layout: `plots.confusion_matrix_figure`)."""
+    return plots.save_confusion_matrix(confusion_counts(pred, len(classes)), list(classes), path, title)
 
 
 def plot_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[Path]:
-    """Loss and accuracy per epoch, train vs validation: `<prefix>_loss.png`, `<prefix>_accuracy.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    epochs = [row["epoch"] for row in history]
-    for metric in ("loss", "accuracy"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for stage in ("train", "val"):
-            key = f"{stage}_{metric}"
-            points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if row.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=stage)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(f"{path_prefix}_{metric}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    """Loss and accuracy per epoch, train vs validation, now: `<prefix>_loss.png`, `<prefix>_accuracy.png`."""
+    return plots.save_curves(list(history), path_prefix)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, fields: Sequence[str] | None = None) -> Path:

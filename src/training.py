@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import evaluation, finetune, loss, tracking, tuning
+from src import evaluation, finetune, loss, plots, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
 from src.errors import UserError
 from src.features import attach_cached_features
@@ -417,6 +417,7 @@ def train_fold(cfg: DictConfig) -> float:
             return float(trainer.checkpoint_callback.best_model_score or 0.0)
         result = finish_fold(cfg, fold, trainer, model, datamodule, out_dir, run.run_id if run else None)
         if run:
+            plots.wait(result["figures"])
             run.finish(result)
         if hasattr(trainer.checkpoint_callback, "remove_last"):
             trainer.checkpoint_callback.remove_last()
@@ -469,12 +470,16 @@ def finish_fold(
         ),
         "split": evaluation.write_csv(datamodule.split_rows(), out_dir / "split.csv"),
         "history": out_dir / "history.csv",
-        "confusion_matrix": evaluation.plot_confusion_matrix(
-            pred, classes, out_dir / "val_confusion_matrix.png", f"{cfg.model.name} fold {fold} (validation)"
-        ),
+        "confusion_matrix": out_dir / "val_confusion_matrix.png",
+        "curves_loss": out_dir / "curves_loss.png",
+        "curves_accuracy": out_dir / "curves_accuracy.png",
     }
-    for path in evaluation.plot_curves(history, out_dir / "curves"):
-        files[path.stem] = path
+    title = f"{cfg.model.name} fold {fold} (validation)"
+    counts = evaluation.confusion_counts(pred, len(classes))
+    figures = [  # drawn in a helper process while this job goes on (src/plots.py)
+        plots.later(plots.save_confusion_matrix, counts, list(classes), files["confusion_matrix"], title),
+        plots.later(plots.save_curves, history, out_dir / "curves"),
+    ]
     (out_dir / "val_classification_report.txt").write_text(report_text)
     files["report"] = out_dir / "val_classification_report.txt"
     # best_val_accuracy is the validation accuracy of the kept checkpoint: its score when the checkpoint monitors
@@ -499,6 +504,7 @@ def finish_fold(
         "model_file": exported,
         "checkpoint": Path(checkpoint.best_model_path),
         "files": files,
+        "figures": figures,
         "meta": meta,
         "model": model,
     }

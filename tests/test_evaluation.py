@@ -17,12 +17,12 @@ from src.evaluation import (
     Predictions,
     class_report,
     confusion_counts,
-    confusion_matrix_figure,
     plot_confusion_matrix,
     read_csv,
     summary_metrics,
     write_csv,
 )
+from src.plots import confusion_matrix_figure
 
 CLASSES = ["cat", "dog", "fox", "owl"]
 

@@ -292,3 +292,26 @@ def test_frozen_checkpoints_hold_the_head_and_refuse_another_backbone(tmp_path: 
     other = ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=True)
     with pytest.raises(UserError, match="another frozen resnet18 backbone"):
         other.load_checkpoint_weights(torch.load(tmp_path / "head.ckpt", weights_only=True))
+
+
+def test_a_rebuilt_network_is_the_one_a_fresh_process_would_build() -> None:
+    """A sweep's jobs reuse the last network built; the copy and the RNG after it must be as a new build's."""
+    import src.model
+
+    def build(seed: int) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(seed)
+        backbone, head, _ = build_network("resnet18", 3, None)
+        params = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
+        with torch.no_grad():  # a job that trains its network must not change the next job's
+            next(backbone.parameters()).add_(1.0)
+        return params, float(torch.rand(1))
+
+    src.model._last_built = None
+    _, after_first = build(0)
+    again, after_again = build(0)
+    src.model._last_built = None
+    fresh, after_fresh = build(0)
+    assert after_again == after_fresh == after_first
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh, strict=True))
+    other, _ = build(1)
+    assert not torch.equal(other[0], fresh[0])

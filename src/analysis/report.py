@@ -149,7 +149,7 @@ def write_report(
 
     `model_files[k]` is fold k's model, the one that never saw fold k's images, so it draws their CAMs.
     """
-    from src.evaluation import confusion_matrix_figure
+    from src.plots import confusion_matrix_figure
 
     oof = read_oof(Path(oof_csv))
     out_dir = Path(out_dir)
