@@ -24,7 +24,7 @@ import lightning as L
 import torch
 import torchvision
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.errors import UserError
@@ -313,6 +313,8 @@ class ImageClassifier(L.LightningModule):
         )
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
+        self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric() for s in ("train", "val")})  # weighted by batch size
+        self._unlogged: set[str] = set()
 
     def backbone_digest(self) -> str:
         """The frozen backbone's digest, computed once (~0.1 s for ResNet18): its weights never change."""
@@ -386,9 +388,17 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         metrics.update(logits, y.argmax(dim=1) if y.ndim == 2 else y)  # soft targets count as their top class
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        self.losses[f"{stage}_loss"].update(loss.detach(), len(y))
+        if stage in self._unlogged:
+            # Metric objects are logged once per epoch: Lightning computes (and syncs across devices) and resets them
+            # at the epoch's end, while a self.log per step cost milliseconds of bookkeeping each.
+            self._unlogged.discard(stage)
+            self.log(f"{stage}_loss", self.losses[f"{stage}_loss"], on_step=False, on_epoch=True)
+            self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._unlogged.add("val")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, self.train_metrics, "train")
@@ -401,6 +411,7 @@ class ImageClassifier(L.LightningModule):
         self.log("step", float(self.current_epoch))
 
     def on_train_epoch_start(self) -> None:
+        self._unlogged.add("train")
         # Read here: Lightning steps epoch-interval schedulers before on_train_epoch_end.
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 

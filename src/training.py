@@ -417,7 +417,6 @@ def train_fold(cfg: DictConfig) -> float:
             return float(trainer.checkpoint_callback.best_model_score or 0.0)
         result = finish_fold(cfg, fold, trainer, model, datamodule, out_dir, run.run_id if run else None)
         if run:
-            plots.wait(result["figures"])
             run.finish(result)
         if hasattr(trainer.checkpoint_callback, "remove_last"):
             trainer.checkpoint_callback.remove_last()

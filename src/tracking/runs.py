@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src import plots
 from src.tracking import identity as ident
 from src.tracking import registry, store, summary
 from src.tracking.data_version import log_dataset
@@ -180,8 +181,10 @@ class FoldRun:
         metrics = {"best_val_accuracy": best, **{f"final_val_{k}": v for k, v in result["val_metrics"].items()}}
         client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self._log_config()
-        for path in result["files"].values():
-            client.log_artifact(self.run_id, str(path), "reports")
+        files = [Path(p) for p in result["files"].values()]
+        for path in files:
+            if path.suffix != ".png":
+                client.log_artifact(self.run_id, str(path), "reports")
         model_file = Path(result["model_file"])
         client.log_artifact(self.run_id, str(model_file), "exported")
         store.use(self.uri)
@@ -196,6 +199,10 @@ class FoldRun:
         ):
             store.link_copies(location, [model_file])  # one copy of the network on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
+        plots.wait(result.get("figures", []))  # drawn by src/plots.py's helper meanwhile
+        for path in files:
+            if path.suffix == ".png":
+                client.log_artifact(self.run_id, str(path), "reports")
         self.stop_system_metrics()
         client.set_terminated(self.run_id, "FINISHED")
         version = None
