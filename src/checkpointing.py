@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # that weight averaging keeps beside the averaged ones ("averaging_state", its step count, stays).
 RESUME_ONLY = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state")
 
+
 class FoldCheckpoint(ModelCheckpoint):
     """ModelCheckpoint with a weights-only `best` and a `last` refreshed after every validation.
 

@@ -235,6 +235,7 @@ def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[
         "reports/test_confusion_matrix.png",
         "reports/test_classification_report.txt",
     } <= all_artifacts(client, test_run.info.run_id)
+
     def score(ckpt: str, run_dir: str) -> None:
         result = run_cli(
             "test.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -94,15 +95,18 @@ def log_ensemble_model(
         except ValueError as err:
             raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err
         metadata = {k: config[k] for k in ("classes", "backbone", "preprocessing", "tta", "temperature")}
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ensemble_model.__file__,
-            artifacts={ARTIFACT: str(staging / ARTIFACT)},
-            signature=signature(config["classes"]),
-            input_example=example_frame() if input_example else None,
-            pip_requirements=pip_requirements(),
-            metadata={"kind": KIND, "n_models": len(files), **metadata},
-        )
+        with warnings.catch_warnings():
+            # Left out on purpose (input_example=False): the signature is given, and the check would cost ~1 s.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=ensemble_model.__file__,
+                artifacts={ARTIFACT: str(staging / ARTIFACT)},
+                signature=signature(config["classes"]),
+                input_example=example_frame() if input_example else None,
+                pip_requirements=pip_requirements(),
+                metadata={"kind": KIND, "n_models": len(files), **metadata},
+            )
 
 
 def ensemble_dir(model_dir: str | Path) -> Path | None:
