@@ -4,7 +4,8 @@ matplotlib draws in Python, about 0.3 s for a fold's three figures: in a sweep o
 largest fixed cost of a job. `later` hands a figure to one helper process per training process (started on
 first use with `spawn`, so it imports matplotlib and numpy, not torch) which draws it on another core while
 the job goes on and the next one starts. `wait` returns once the files are written; it runs before the files
-are logged to MLflow and, for whatever is still pending, when the process exits. Where no helper can start
+are logged to MLflow, at a job's end in a launcher's worker process (`settle`), and, for whatever is still
+pending, when the process exits. Where no helper can start
 (a daemonic worker process, a broken pool), figures are drawn at once.
 """
 
@@ -150,6 +151,13 @@ def later(draw: Callable[..., Any], *args: Any) -> Future:
     future = Future()
     future.set_result(draw(*args))
     return future
+
+
+def settle(futures: Sequence[Future]) -> None:
+    """At a job's end: wait in a launcher's worker process (joblib's loky workers), which its pool may end without
+    running exit hooks; elsewhere let the figures draw while the next job starts (the exit hook waits for them)."""
+    if multiprocessing.parent_process() is not None:
+        wait(futures)
 
 
 def wait(futures: Sequence[Future] | None = None) -> None:

@@ -418,6 +418,7 @@ def train_fold(cfg: DictConfig) -> float:
         result = finish_fold(cfg, fold, trainer, model, datamodule, out_dir, run.run_id if run else None)
         if run:
             run.finish(result)
+        plots.settle(result["figures"])
         if hasattr(trainer.checkpoint_callback, "remove_last"):
             trainer.checkpoint_callback.remove_last()
     log.info("best_val_accuracy=%.4f (fold %d) -> %s", result["best_val_accuracy"], fold, result["model_file"])

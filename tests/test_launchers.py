@@ -50,6 +50,10 @@ def test_joblib_sweep_with_loader_workers_trains_both_folds(image_root: Path, tm
         assert (tmp_path / "models" / f"cnn_resnet18_freeze_backbone_False_fold_{fold}.pth").is_file()
         seen = json.loads((tmp_path / "workers" / f"{fold}.json").read_text())
         assert seen["workers"] >= 1, seen  # the training loader's persistent worker, alive at epoch end
+    # Figures are drawn in a helper process (src/plots.py); a loky worker, which may be ended without its exit
+    # hooks, waits for them before its job returns.
+    figures = sorted(p.name for p in (tmp_path / "multirun").rglob("*.png"))
+    assert figures == sorted(["curves_accuracy.png", "curves_loss.png", "val_confusion_matrix.png"] * 2), figures
 
 
 CPUS = available_cpus()
