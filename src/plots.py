@@ -131,7 +131,10 @@ _pending: dict[Future, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
 def _executor() -> ProcessPoolExecutor | None:
     """The helper process's pool, started on first use; None where this process may not start one."""
     global _helper
-    if _helper is None and not multiprocessing.current_process().daemon:
+    # A spawned child takes over its parent's start method: inside joblib's loky workers ("loky") it cannot start.
+    method = multiprocessing.get_start_method(allow_none=True)
+    usable = method in (None, "fork", "spawn", "forkserver") and not multiprocessing.current_process().daemon
+    if _helper is None and usable:
         _helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         atexit.register(wait)
     return _helper
@@ -161,14 +164,12 @@ def settle(futures: Sequence[Future]) -> None:
 
 
 def wait(futures: Sequence[Future] | None = None) -> None:
-    """Return once `futures` (default: every figure still pending) are written. A figure the helper could not
-    draw (it died, say) is drawn here instead, so a real error in the drawing code is raised where it belongs."""
-    for future in list(_pending if futures is None else futures):
-        draw, args = _pending.pop(future, (None, ()))
+    """Return once `futures` (default: every figure still pending) are written; each is settled once. A figure the
+    helper could not draw (it died, say) is drawn here instead, so a real error in the drawing code is raised here."""
+    for future in [f for f in (_pending if futures is None else futures) if f in _pending]:
+        draw, args = _pending.pop(future)
         try:
             future.result()
         except Exception as err:
-            if draw is None:
-                raise
             log.debug("drawing %s here: the helper process failed (%s)", draw.__name__, err)
             draw(*args)

@@ -138,3 +138,34 @@ def test_csv_rows_round_trip_with_missing_cells(tmp_path: Path) -> None:
     path = write_csv(rows, tmp_path / "sub" / "history.csv")
     assert path.read_text().splitlines() == ["epoch,train_loss,val_loss", "0,1.5,", "1,1.0,0.5"]
     assert read_csv(path) == [{"epoch": 0.0, "train_loss": 1.5}, {"epoch": 1.0, "train_loss": 1.0, "val_loss": 0.5}]
+
+
+def _draw_in_loky_worker(prefix: str) -> list[bool]:
+    """In a joblib (loky) worker, whose start method a spawned helper could not use: figures are drawn at once."""
+    from src import plots
+
+    history = [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.2}, {"epoch": 1, "train_loss": 0.5, "val_loss": 0.7}]
+    futures = [plots.later(plots.save_curves, history, Path(prefix))]
+    plots.wait(futures)
+    return [plots._helper is None, *(Path(f"{prefix}_{m}.png").is_file() for m in ("loss", "accuracy"))]
+
+
+def test_figures_drawn_by_the_helper_are_written_once_waited_for(tmp_path: Path) -> None:
+    from joblib import Parallel, delayed
+
+    from src import plots
+
+    history = [{"epoch": 0, "train_accuracy": 0.5, "val_accuracy": 0.4}, {"epoch": 1, "train_accuracy": 0.9}]
+    counts = np.array([[3, 1], [0, 4]])
+    futures = [
+        plots.later(plots.save_curves, history, tmp_path / "curves"),
+        plots.later(plots.save_confusion_matrix, counts, ["cat", "dog"], tmp_path / "cm.png", "t"),
+    ]
+    plots.wait(futures)
+    plots.wait(futures)  # a second wait (the run, then the job's end) finds them settled
+    assert futures[1].result() == tmp_path / "cm.png"
+    for name in ("curves_loss.png", "curves_accuracy.png", "cm.png"):
+        assert Image.open(tmp_path / name).size[0] > 100, name
+    in_workers = (delayed(_draw_in_loky_worker)(str(tmp_path / f"w{i}")) for i in range(2))
+    results = Parallel(n_jobs=2, backend="loky")(in_workers)
+    assert all(all(result) for result in results), results
