@@ -437,10 +437,10 @@ def make_loader(
     """
     train = shuffle if train is None else train
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-    order: dict[str, Any] = {"sampler": sampler} if sampler is not None else {"shuffle": shuffle}
     if shuffle and seed is not None:
-        # No `shuffle` argument beside a sampler: Lightning reads it first when it swaps in a DistributedSampler.
-        order = {"sampler": EpochShuffle(dataset, int(seed))}
+        sampler = EpochShuffle(dataset, int(seed))
+    # No `shuffle` argument beside a sampler: Lightning reads it first when it swaps in a DistributedSampler.
+    order: dict[str, Any] = {"sampler": sampler} if sampler is not None else {"shuffle": shuffle}
     return DataLoader(
         dataset,
         batch_size=batch_size,

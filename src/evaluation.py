@@ -1,4 +1,4 @@
-"""Evaluation: predictions, metrics, per-class report, confusion matrix and training curves.
+"""Evaluation: predictions, metrics, per-class report, confusion counts (their figures: src/plots.py).
 
 Plain functions over tensors and lists; they write files and know nothing of MLflow.
 """
@@ -137,11 +137,6 @@ def class_report(pred: Predictions, classes: Sequence[str], digits: int = 4) -> 
 def plot_confusion_matrix(pred: Predictions, classes: Sequence[str], path: Path, title: str) -> Path:
     """Save the confusion matrix of `pred` as a PNG now (layout: `plots.confusion_matrix_figure`)."""
     return plots.save_confusion_matrix(confusion_counts(pred, len(classes)), list(classes), path, title)
-
-
-def plot_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[Path]:
-    """Loss and accuracy per epoch, train vs validation, now: `<prefix>_loss.png`, `<prefix>_accuracy.png`."""
-    return plots.save_curves(list(history), path_prefix)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, fields: Sequence[str] | None = None) -> Path:

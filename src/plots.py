@@ -5,8 +5,8 @@ largest fixed cost of a job. `later` hands a figure to one helper process per tr
 first use with `spawn`, so it imports matplotlib and numpy, not torch) which draws it on another core while
 the job goes on and the next one starts. `wait` returns once the files are written; it runs before the files
 are logged to MLflow, at a job's end in a launcher's worker process (`settle`), and, for whatever is still
-pending, when the process exits. Where no helper can start
-(a daemonic worker process, a broken pool), figures are drawn at once.
+pending, when the process exits. Where no helper can start (a daemonic process, a loky worker, a broken pool),
+figures are drawn at once.
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def save_confusion_matrix(counts: np.ndarray, classes: Sequence[str], path: Path
     return Path(path)
 
 
+def curve_paths(path_prefix: Path) -> dict[str, Path]:
+    """The files `save_curves` writes, by metric."""
+    return {metric: Path(f"{path_prefix}_{metric}.png") for metric in ("loss", "accuracy")}
+
+
 def save_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[Path]:
     """Loss and accuracy per epoch, train vs validation: `<prefix>_loss.png`, `<prefix>_accuracy.png`.
 
@@ -103,9 +108,8 @@ def save_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    paths = []
     epochs = [row["epoch"] for row in history]
-    for metric in ("loss", "accuracy"):
+    for metric, path in curve_paths(path_prefix).items():
         fig = Figure(figsize=(6, 4), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_axes((0.12, 0.12, 0.84, 0.84))
@@ -118,10 +122,8 @@ def save_curves(history: Sequence[dict[str, float]], path_prefix: Path) -> list[
         ax.set_ylabel(metric)
         ax.legend()
         ax.grid(alpha=0.3)
-        path = Path(f"{path_prefix}_{metric}.png")
         fig.savefig(path, dpi=100)
-        paths.append(path)
-    return paths
+    return list(curve_paths(path_prefix).values())
 
 
 _helper: ProcessPoolExecutor | None = None

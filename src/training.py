@@ -471,8 +471,7 @@ def finish_fold(
         "split": evaluation.write_csv(datamodule.split_rows(), out_dir / "split.csv"),
         "history": out_dir / "history.csv",
         "confusion_matrix": out_dir / "val_confusion_matrix.png",
-        "curves_loss": out_dir / "curves_loss.png",
-        "curves_accuracy": out_dir / "curves_accuracy.png",
+        **{f"curves_{metric}": path for metric, path in plots.curve_paths(out_dir / "curves").items()},
     }
     title = f"{cfg.model.name} fold {fold} (validation)"
     counts = evaluation.confusion_counts(pred, len(classes))

@@ -97,10 +97,16 @@ def check_reachable(uri: str) -> None:
         ) from err
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store (relative to the working folder unless absolute), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def lock_path(uri: str) -> Path:
     """Next to a sqlite database; for any other store in a per-user folder no other user can hold."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///") + ".lock")
+    database = sqlite_file(uri)
+    if database is not None:
+        return database.with_name(database.name + ".lock")
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "image-classification" / "locks"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     return base / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
@@ -127,10 +133,11 @@ def store_lock(uri: str) -> Iterator[None]:
 def default_artifact_location(uri: str, name: str) -> str | None:
     """For a sqlite store, `<folder of the database>/mlruns/<name>`: MLflow's own default is `./mlruns` under
     whatever folder the first run started from, so a store reached from elsewhere scattered its artifacts."""
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_file(uri)
+    if database is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / slug).as_uri()
+    return (database.resolve().parent / "mlruns" / slug).as_uri()
 
 
 def experiment_id(mlflow_client: Any, name: str) -> str:
