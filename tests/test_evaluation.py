@@ -18,6 +18,7 @@ from src.evaluation import (
     class_report,
     confusion_counts,
     plot_confusion_matrix,
+    predict,
     read_csv,
     summary_metrics,
     write_csv,
@@ -169,3 +170,26 @@ def test_figures_drawn_by_the_helper_are_written_once_waited_for(tmp_path: Path)
     in_workers = (delayed(_draw_in_loky_worker)(str(tmp_path / f"w{i}")) for i in range(2))
     results = Parallel(n_jobs=2, backend="loky")(in_workers)
     assert all(all(result) for result in results), results
+
+
+def test_predict_leaves_the_network_as_it_found_it_and_trainable() -> None:
+    """predict runs channels-last on CPU; afterwards the parameters are the same values, in the default layout,
+    and ordinary tensors a fit can train (not inference tensors), and the logits match a plain forward pass."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randn(6, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(6) % 3), batch_size=4)
+    pred = predict(net, loader)
+    with torch.no_grad():
+        expected = net.eval()(images)
+    torch.testing.assert_close(pred.logits, expected, rtol=1e-4, atol=1e-4)
+    for name, value in net.state_dict().items():
+        assert value.is_contiguous(), name
+        assert not value.is_inference(), name
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    net.train()
+    net(images).sum().backward()  # an inference tensor among the parameters would fail here
+    assert net.conv1.weight.grad is not None
