@@ -13,8 +13,11 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> str:
     """Returns the path of model.onnx."""
-    from src.errors import run_job
-    from src.exporting import export
+    from src.runtime import heavy_imports
+
+    with heavy_imports():
+        from src.errors import run_job
+        from src.exporting import export
 
     return str(run_job(export, cfg))
 

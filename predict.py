@@ -14,8 +14,11 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> str:
     """Returns the path of predictions.csv."""
-    from src.errors import run_job
-    from src.predicting import predict
+    from src.runtime import heavy_imports
+
+    with heavy_imports():
+        from src.errors import run_job
+        from src.predicting import predict
 
     return str(run_job(predict, cfg))
 

@@ -14,8 +14,11 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="test")
 def main(cfg: DictConfig) -> float:
     """Returns the test accuracy."""
-    from src.errors import run_job
-    from src.testing import evaluate
+    from src.runtime import heavy_imports
+
+    with heavy_imports():
+        from src.errors import run_job
+        from src.testing import evaluate
 
     return run_job(evaluate, cfg)["accuracy"]
 

@@ -20,8 +20,11 @@ if _REPO not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns best_val_accuracy, so Hydra sweepers can optimise it."""
-    from src.errors import run_job
-    from src.training import train
+    from src.runtime import heavy_imports
+
+    with heavy_imports():
+        from src.errors import run_job
+        from src.training import train
 
     return run_job(train, cfg)
 

@@ -16,9 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
-from hydra.experimental.callback import Callback as HydraCallback
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+
+from benchmarks.job_timer import IN_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +46,6 @@ class EpochTimer(L.Callback):
         self.path.write_text(json.dumps(self.epochs))
 
 
-_IN_STEPS = {"seconds": 0.0, "steps": 0}  # StepTimer adds, JobTimer reads: both live in the job's process
-
-
 class StepTimer(L.Callback):
     """Seconds inside training and validation steps (batch start to batch end: forward, loss, backward,
     optimizer step, metric updates), summed over the job; JobTimer subtracts them from the job's wall time.
@@ -59,32 +57,11 @@ class StepTimer(L.Callback):
         self.start = time.perf_counter()
 
     def _end(self, *args: Any) -> None:
-        _IN_STEPS["seconds"] += time.perf_counter() - self.start
-        _IN_STEPS["steps"] += 1
+        IN_STEPS["seconds"] += time.perf_counter() - self.start
+        IN_STEPS["steps"] += 1
 
     on_train_batch_start = on_validation_batch_start = _start
     on_train_batch_end = on_validation_batch_end = _end
-
-
-class JobTimer(HydraCallback):
-    """One JSON line per Hydra job: its wall time (Hydra's job start to job end), the seconds inside training
-    and validation steps (StepTimer), and the rest, the job's fixed cost.
-
-    Added as `+hydra.callbacks.job_timer={_target_:benchmarks.arms.JobTimer,path:...}`.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        _IN_STEPS.update(seconds=0.0, steps=0)
-        self.start = time.perf_counter()
-
-    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
-        wall = time.perf_counter() - self.start
-        row = {"wall_s": wall, "step_s": _IN_STEPS["seconds"], "steps": _IN_STEPS["steps"]}
-        with self.path.open("a") as f:
-            f.write(json.dumps({**row, "fixed_s": wall - row["step_s"]}) + "\n")
 
 
 def bare_train(
@@ -98,8 +75,10 @@ def bare_train(
     split_seed: int = 42,
     num_workers: int = 0,
     seed: int = 42,
+    fused: bool | None = None,
 ) -> dict[str, Any]:
-    """torchvision ImageFolder + DataLoader + a plain Adam loop over the same fold, model and transform."""
+    """torchvision ImageFolder + DataLoader + a plain Adam loop over the same fold, model and transform;
+    `fused=True` gives it the fused Adam that train.py's optimizer configs use."""
     from src.data import assign_folds, build_transform
 
     torch.manual_seed(seed)
@@ -110,7 +89,7 @@ def bare_train(
         train_set, batch_size, shuffle=True, num_workers=num_workers, persistent_workers=num_workers > 0
     )
     net = torchvision.models.resnet18(num_classes=len(dataset.classes)).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
     criterion = nn.CrossEntropyLoss()
     epoch_stats = []
     for _ in range(epochs):

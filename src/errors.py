@@ -1,10 +1,7 @@
-"""Bad input: one exception type that Hydra prints as a single line, without a traceback; the job wrapper of
-every entry point."""
+"""Bad input: one exception type that Hydra prints as a single line, without a traceback."""
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -28,7 +25,6 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    _skip_exit_collection()
     try:
         return fn(cfg)
     except UserError as err:
@@ -37,16 +33,3 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _skip_exit_collection() -> None:
-    """Spare the process ~1 s at exit: with torch, torchvision and Lightning loaded, the interpreter's last
-    garbage collection walks millions of objects it is about to free anyway.
-
-    gc.freeze() at exit takes them out of that collection. Objects are still freed by reference counting,
-    and atexit handlers (loggers, MLflow, weakref finalizers) run as before; only __del__ of objects caught in
-    reference cycles is skipped, which Python never promises at exit.
-    """
-    if not getattr(_skip_exit_collection, "registered", False):
-        atexit.register(gc.freeze)
-        _skip_exit_collection.registered = True  # type: ignore[attr-defined]
