@@ -47,18 +47,20 @@ def predict(net: nn.Module, loader: DataLoader, device: torch.device | str = "cp
     if not graph:  # torch.export modules are frozen in eval mode
         net.eval()
     net.to(device)
-    channels_last = torch.device(device).type == "cpu" and not graph and any(p.dim() == 4 for p in net.parameters())
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    convertible = torch.device(device).type == "cpu" and not graph and any(p.dim() == 4 for p in net.parameters())
+    channels_last = False  # switched on at the first batch of images: cached features (N, D) need no conversion
     targets, logits = [], []
     try:
-        with torch.inference_mode():
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if convertible and x.dim() == 4:
+                if not channels_last:
+                    net.to(memory_format=torch.channels_last)
+                    channels_last = True
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
                 logits.append(net(x).float().cpu())
-                targets.append(torch.as_tensor(y))
+            targets.append(torch.as_tensor(y))
     finally:
         if channels_last:
             net.to(memory_format=torch.contiguous_format)
