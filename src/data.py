@@ -32,7 +32,7 @@ from torch.utils.data import (
 )
 from torchvision.transforms import v2
 
-from src.errors import UserError
+from src.errors import UserError, warn_once
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFo
         targets.extend([len(classes) - 1] * len(good))
     if skipped:
         shown = ", ".join(skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
-        log.warning("skipped %d files in %s that are hidden, not images, or unreadable: %s", len(skipped), root, shown)
+        warn_once(log, f"skipped {len(skipped)} files in {root} that are hidden, not images, or unreadable: {shown}")
     return ImageFolder(root, classes, paths, np.asarray(targets, dtype=np.int64), skipped)
 
 

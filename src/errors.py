@@ -1,4 +1,5 @@
-"""Bad input: one exception type that Hydra prints as a single line, without a traceback."""
+"""Bad input: one exception type that Hydra prints as a single line, without a traceback; warnings about input
+said once per sweep."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """A warning the first time this process logs `message`, information after that: the jobs of a sweep that
+    run in one process find the same skipped files or duplicates, which is worth one warning, not one per
+    fold; each job's own log still records it."""
+    logger.log(logging.INFO if message in _warned else logging.WARNING, message)
+    _warned.add(message)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src import evaluation, finetune, loss, plots, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
-from src.errors import UserError
+from src.errors import UserError, warn_once
 from src.features import attach_cached_features
 from src.model import ImageClassifier, save_model_file
 from src.preprocessing import Preprocessing, resolve_preprocessing
@@ -429,9 +429,10 @@ def train_fold(cfg: DictConfig) -> float:
 def _warn_about_setup(cfg: DictConfig, datamodule: FoldDataModule) -> None:
     """Warnings about settings that train poorly: a head on random features, and imbalanced classes."""
     if cfg.model.freeze_backbone and cfg.model.weights is None:
-        log.warning(
+        warn_once(
+            log,
             "model.freeze_backbone=true with model.weights=null trains a head on random features; "
-            "give pretrained weights or set model.freeze_backbone=false"
+            "give pretrained weights or set model.freeze_backbone=false",
         )
     monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor")
     used = {
@@ -441,7 +442,7 @@ def _warn_about_setup(cfg: DictConfig, datamodule: FoldDataModule) -> None:
     }
     advice = loss.imbalance_advice(datamodule.train_class_counts(), datamodule.classes, used)
     if advice:
-        log.warning(advice)
+        warn_once(log, advice)
 
 
 def finish_fold(

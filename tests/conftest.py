@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    """Each test warns as a new process would: src.errors.warn_once remembers what this process has said."""
+    from src import errors
+
+    errors._warned.clear()
+
+
 def write_images(root: Path, per_class: int, size: int = 32, seed: int = 0) -> Path:
     """Class k is a noisy image tinted by channel k, so a model can learn it in an epoch or two."""
     rng = np.random.default_rng(seed)

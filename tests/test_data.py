@@ -94,6 +94,10 @@ def test_bad_files_are_skipped_with_one_warning(tmp_path: Path, caplog: pytest.L
     )
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "dog/.DS_Store" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        scan_image_folder(root)  # the next job of a sweep, in the same process: recorded, not warned again
+    assert [r.levelno for r in caplog.records if "dog/.DS_Store" in r.getMessage()] == [logging.INFO]
 
 
 def test_missing_data_dir_says_how_to_get_data(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from src.data import ImageFolder, scan_image_folder, to_rgb
-from src.errors import UserError
+from src.errors import UserError, warn_once
 from src.evaluation import write_csv
 
 log = logging.getLogger(__name__)
@@ -287,5 +287,8 @@ def audit_duplicates(
         train_test=sum(p.where == "train-test" for p in pairs),
         csv=write_csv(rows, Path(out_dir) / "duplicates.csv", COLUMNS),
     )
-    log.log(logging.WARNING if audit.split_across_folds or audit.train_test else logging.INFO, summary(audit))
+    if audit.split_across_folds or audit.train_test:
+        warn_once(log, summary(audit))
+    else:
+        log.info(summary(audit))
     return audit
