@@ -90,7 +90,7 @@ def log_ensemble_model(
         files = [_as_model_file(Path(p), staging, i) for i, p in enumerate(model_files)]
         try:
             config = save_ensemble(
-                staging / ARTIFACT, files, tta=tta, temperature=temperature, network_kwargs=native_kwargs
+                staging / ARTIFACT, files, tta=tta, temperature=temperature, network_kwargs=native_kwargs, link=True
             )
         except ValueError as err:
             raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err
