@@ -30,4 +30,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from src.tracking.summary import completing_at_end
+
+    with completing_at_end():  # a sweep that re-runs folds: each parent's OOF report and ensemble once, at its end
+        main()

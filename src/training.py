@@ -261,12 +261,13 @@ def train_all_folds(cfg: DictConfig) -> float:
     """Every fold in this job, each in `<output_dir>/fold_<k>/` and its own MLflow child run."""
     base = Path(cfg.paths.output_dir)
     scores = []
-    for fold in range(cfg.n_folds):
-        fold_cfg = copy.deepcopy(cfg)
-        with open_dict(fold_cfg):
-            fold_cfg.fold = fold
-            fold_cfg.paths.output_dir = str(base / f"fold_{fold}")
-        scores.append(train_fold(fold_cfg))
+    with tracking.completing_at_end():  # re-run folds: the parent's OOF report and ensemble once, at the end
+        for fold in range(cfg.n_folds):
+            fold_cfg = copy.deepcopy(cfg)
+            with open_dict(fold_cfg):
+                fold_cfg.fold = fold
+                fold_cfg.paths.output_dir = str(base / f"fold_{fold}")
+            scores.append(train_fold(fold_cfg))
     mean, std = statistics.fmean(scores), statistics.pstdev(scores)
     log.info("cv_mean_val_accuracy=%.4f ± %.4f over %d folds", mean, std, len(scores))
     print(f"cv_mean_val_accuracy: {mean:.4f}")

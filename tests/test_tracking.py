@@ -276,6 +276,39 @@ def test_a_rerun_fold_joins_its_parent_and_replaces_the_fold(sweep_store: tuple[
     )
 
 
+def test_a_configuration_run_again_is_completed_once_from_its_new_folds(image_root: Path, tmp_path: Path) -> None:
+    """A sweep or `fold=all` job that re-runs every fold builds the OOF report and ensemble once, from its own
+    folds, not once per fold from a mix of new and earlier folds; a sweep that fails part-way still completes
+    its parent (at exit) over the folds as they then stand."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+
+    def ensembles() -> int:
+        versions = client.search_model_versions("name = 'resnet18_classifier'")
+        return sum(v.tags["kind"] == "cv_ensemble" for v in versions)
+
+    def summarised_folds() -> tuple[str, str]:
+        (parent,) = runs_by_type(client, "cv_parent")
+        latest = {}
+        for run in sorted(children_of(client, parent.info.run_id), key=lambda r: r.info.start_time):
+            if run.info.status == "FINISHED":
+                latest[run.data.tags["fold"]] = run.info.run_id
+        return parent.data.tags["oof_fold_runs"], ",".join(latest[k] for k in sorted(latest))
+
+    for n, (overrides, sweep) in enumerate([(["fold=0,1"], True), (["fold=all"], False), (["fold=0,1"], True)]):
+        result = train(image_root, tmp_path / f"run{n}", uri, *overrides, sweep=sweep)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ensembles() == n + 1
+        summarised, latest = summarised_folds()
+        assert summarised == latest
+    # Fold 0 is re-run, then the sweep fails on fold=5: the parent is completed with the new fold 0 at exit.
+    result = train(image_root, tmp_path / "run3", uri, "fold=0,5", sweep=True)
+    assert result.returncode != 0 and "fold=5" in result.stderr
+    assert ensembles() == 4
+    summarised, latest = summarised_folds()
+    assert summarised == latest
+
+
 def test_leaderboard_ranks_runs_and_recommends_a_model(sweep_store: tuple[str, Path]) -> None:
     folds, configs = collect(sweep_store[0], EXPERIMENT)
     scores = [row["best_val_accuracy"] for row in folds]

@@ -25,7 +25,7 @@ from src.tracking.runs import (
     unfinished_run_in,
 )
 from src.tracking.store import check_reachable, redact, store_lock, tracking_uri
-from src.tracking.summary import update_parent
+from src.tracking.summary import completing_at_end, update_parent
 from src.tracking.testrun import log_test_run
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "FoldRun",
     "TagBestTrial",
     "check_reachable",
+    "completing_at_end",
     "find_interrupted_fold",
     "fold_guard",
     "load_logged_model",

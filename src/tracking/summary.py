@@ -4,6 +4,10 @@ finished, the out-of-fold (OOF) evidence and the fold ensemble as a registered m
 Each fold run logs `reports/val_predictions.csv`, its validation images' class probabilities. Put
 together, the folds' files hold a prediction for every training image made by a model that never
 saw it: `oof/oof_predictions.csv` and the `oof_*` metrics are computed from them, with no retraining.
+
+A sweep (or a `fold=all` job) that re-runs a configuration's folds completes its parent once, at its end
+(`completing_at_end`): its first folds join the earlier run's other folds into a complete set, and completing
+each of those mixed sets would redo the report and register an ensemble per fold.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,74 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run description in the MLflow UI
 PROB_PREFIX = "prob_"
+
+
+@dataclass
+class _Deferral:
+    """Parents left to complete at the end of the process or job that began at `since_ms` in process `pid`."""
+
+    since_ms: int
+    pid: int
+    depth: int = 1
+    pending: dict[str, tuple[str, DictConfig]] = field(default_factory=dict)  # parent id -> (store, fold's cfg)
+
+
+_deferral: _Deferral | None = None
+
+
+@contextmanager
+def completing_at_end() -> Iterator[None]:
+    """Within it, a parent whose complete set of folds mixes runs from before it began with its own gets its
+    CV summary at once and its OOF report and ensemble at its end (even if it ends in an error), each once,
+    over the folds as they stand then. train.py runs every job inside one; nested ones defer to the outermost.
+    Ctrl-C leaves them as they were: the next run of any of their folds completes them."""
+    global _deferral
+    if _deferral is not None and _deferral.pid == os.getpid():
+        _deferral.depth += 1
+    else:
+        _deferral = _Deferral(since_ms=int(time.time() * 1000), pid=os.getpid())
+    ending = "normally"
+    try:
+        yield
+    except KeyboardInterrupt:
+        ending = "interrupted"
+        raise
+    except BaseException:
+        ending = "in an error"
+        raise
+    finally:
+        _deferral.depth -= 1
+        if _deferral.depth == 0:
+            pending, _deferral = _deferral.pending, None
+            if ending == "interrupted" and pending:
+                log.info("interrupted: %d parent run(s) left without their new OOF report", len(pending))
+            elif pending:
+                _complete(pending, raise_failure=ending == "normally")
+
+
+def _complete(pending: dict[str, tuple[str, DictConfig]], raise_failure: bool) -> None:
+    """Each parent in turn; a failure is logged, and then ends the process in one line (unless it is ending
+    in an error already)."""
+    failures = []
+    for parent_id, (uri, cfg) in pending.items():
+        try:
+            update_parent(uri, parent_id, cfg)
+        except Exception as err:
+            log.error("completing parent run %s failed: %s", parent_id, err)
+            failures.append(f"completing parent run {parent_id} failed: {err}")
+    if failures and raise_failure:
+        raise SystemExit(f"error: {failures[0]}")
+
+
+def _defer(uri: str, parent_id: str, cfg: DictConfig, fold_runs: list[Any]) -> bool:
+    """True (and the parent noted as pending) when some of its fold runs predate the running sweep or job."""
+    if _deferral is None or _deferral.pid != os.getpid():
+        return False
+    if all((run.info.start_time or 0) >= _deferral.since_ms for run in fold_runs):
+        _deferral.pending.pop(parent_id, None)  # every fold is this sweep's own: no later job changes the set
+        return False
+    _deferral.pending[parent_id] = (uri, cfg)
+    return True
 
 
 def _children(client: Any, parent: Any) -> list[Any]:
@@ -86,6 +162,9 @@ def update_parent(uri: str, parent_id: str, cfg: DictConfig) -> dict[str, float]
         key = ",".join(r.info.run_id for r in fold_runs)
         if parent.data.tags.get("oof_fold_runs") == key:
             return summary  # this exact set of folds is already summarised
+        if _defer(uri, parent_id, cfg, fold_runs):
+            log.info("MLflow: parent %s gets its OOF report and ensemble once this sweep or job ends", parent_id)
+            return summary
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             model_files = _download_models(uri, fold_runs, work / "models")
