@@ -20,8 +20,9 @@ if _REPO not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns best_val_accuracy, so Hydra sweepers can optimise it."""
-    from src.runtime import heavy_imports
+    from src.runtime import heavy_imports, start_plot_helper
 
+    start_plot_helper()
     with heavy_imports():
         from src.errors import run_job
         from src.training import train

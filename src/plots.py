@@ -1,17 +1,18 @@
 """PNG figures: confusion matrices and training curves, drawn now or in a helper process.
 
 matplotlib draws in Python, about 0.3 s for a fold's three figures: in a sweep on cached features that was the
-largest fixed cost of a job. `later` hands a figure to one helper process per training process (started on
-first use with `spawn`, so it imports matplotlib and numpy, not torch) which draws it on another core while
-the job goes on and the next one starts. `wait` returns once the files are written; it runs before the files
-are logged to MLflow, at a job's end in a launcher's worker process (`settle`), and, for whatever is still
-pending, when the process exits. Where no helper can start (a daemonic process, a loky worker, a broken pool),
-figures are drawn at once.
+largest fixed cost of a job. `later` hands a figure to one helper process per training process (started with
+`spawn`, so it imports matplotlib and numpy, not torch: by `start_helper` while train.py imports, else on first
+use) which draws it on another core while the job goes on and the next one starts. `wait` returns once the
+files are written; it runs before the files are logged to MLflow, at a job's end in a launcher's worker
+process (`settle`), and, for whatever is still pending, when the process exits. Where no helper can start (a
+daemonic process, a loky worker, a broken pool), figures are drawn at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
@@ -140,6 +141,21 @@ def _executor() -> ProcessPoolExecutor | None:
         _helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         atexit.register(wait)
     return _helper
+
+
+def _load_matplotlib() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+
+def start_helper() -> None:
+    """Start the helper now and have it import matplotlib: called before a training process's own imports,
+    which leave the other cores idle, its ~0.5 s start-up costs nothing there. Started at the first figure
+    instead, it took a core from the next job, and a single run waited for it at exit."""
+    executor = _executor()
+    if executor is not None:
+        with contextlib.suppress(RuntimeError):  # a broken pool: figures are drawn at once
+            executor.submit(_load_matplotlib)
 
 
 def later(draw: Callable[..., Any], *args: Any) -> Future:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,3 +45,13 @@ def heavy_imports() -> Iterator[None]:
             gc.enable()
         atexit.register(gc.freeze)
         _imported = True
+
+
+def start_plot_helper() -> None:
+    """Start src.plots' helper process before the heavy imports, on a core they leave idle; not in the extra
+    processes of a DDP run (LOCAL_RANK > 0), which draw nothing."""
+    if _imported or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    from src import plots
+
+    plots.start_helper()

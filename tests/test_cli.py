@@ -151,3 +151,26 @@ print(gc.isenabled(), first > 0, gc.get_freeze_count() == first)
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert result.stdout.split() == ["True", "True", "True"], result.stderr
+
+
+@pytest.mark.parametrize(("local_rank", "started"), [(None, "True"), ("1", "False")])
+def test_the_plot_helper_starts_before_the_imports_but_not_in_extra_ddp_processes(
+    local_rank: str | None, started: str
+) -> None:
+    """src.runtime.start_plot_helper: train.py starts the figure helper (with matplotlib loaded) while it imports;
+    the extra processes of a DDP run, which draw nothing, start none."""
+    import subprocess
+    import sys
+
+    code = """
+from src import plots
+from src.runtime import start_plot_helper
+start_plot_helper()
+print(plots._helper is not None and len(plots._helper._processes) == 1)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    if local_rank:
+        env["LOCAL_RANK"] = local_rank
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, check=True)
+    assert result.stdout.split() == [started], result.stderr
