@@ -132,3 +132,28 @@ def test_a_fold_run_stays_open_after_fit_until_its_last_artifact(
     client = MlflowClient(cfg.logger.tracking_uri)
     assert client.get_run(run.run_id).info.status == "RUNNING"
     assert client.get_run(run.parent_id).info.status == "RUNNING"
+
+
+def test_epoch_metrics_reach_the_store_in_batches_and_all_by_the_end_of_fit(tmp_path: Path) -> None:
+    """FoldLogger holds metrics back for up to `flush_every_s` and sends the rest when fit ends (even failed);
+    with 0 it sends each at once, with names cleaned as Lightning's logger cleans them."""
+    from src.tracking.fold_logger import FoldLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    batched = FoldLogger(experiment_name="e", tracking_uri=uri, run_id=run_id, flush_every_s=3600)
+    for epoch in range(3):
+        batched.log_metrics({"val_accuracy": epoch / 10, "note": "not a number"}, step=epoch)
+    assert history("val_accuracy") == []
+    batched.finalize("failed")
+    assert history("val_accuracy") == [(0, 0.0), (1, 0.1), (2, 0.2)] and history("note") == []
+    eager = FoldLogger(experiment_name="e", tracking_uri=uri, run_id=run_id, flush_every_s=0)
+    with pytest.warns(RuntimeWarning, match="special characters"):
+        eager.log_metrics({"val loss%": 0.5}, step=3)
+    assert history("val loss") == [(3, 0.5)]
+    assert client.get_run(run_id).info.status == "RUNNING"

@@ -125,7 +125,11 @@ class FoldRun:
         from src.tracking.fold_logger import FoldLogger
 
         return FoldLogger(
-            experiment_name=self.cfg.logger.experiment_name, tracking_uri=self.uri, run_id=self.run_id, log_model=False
+            experiment_name=self.cfg.logger.experiment_name,
+            tracking_uri=self.uri,
+            run_id=self.run_id,
+            log_model=False,
+            flush_every_s=float(OmegaConf.select(self.cfg, "logger.metrics_every_s", default=5.0)),
         )
 
     def start_system_metrics(self) -> None:
