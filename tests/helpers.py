@@ -37,6 +37,11 @@ class SignalAfterFirstEpoch(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 1 and trainer.ckpt_path is None:
+            if self.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                # Started from a background job of a non-interactive shell (`make test &`), this process inherited
+                # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: give it the one a
+                # terminal's Ctrl-C meets.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), self.signum)
             time.sleep(5)  # the signal arrives while the fold is still running
 
