@@ -39,9 +39,10 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
 _warned: set[str] = set()
 
 
-def warn_once(logger: logging.Logger, message: str) -> None:
-    """A warning the first time this process logs `message`, information after that: the jobs of a sweep that
-    run in one process find the same skipped files or duplicates, which is worth one warning, not one per
-    fold; each job's own log still records it."""
-    logger.log(logging.INFO if message in _warned else logging.WARNING, message)
-    _warned.add(message)
+def warn_once(logger: logging.Logger, message: str, key: str | None = None) -> None:
+    """A warning the first time this process logs `message` (or one with the same `key`, for messages that name
+    a job's own file), information after that: the jobs of a sweep that run in one process find the same skipped
+    files or duplicates, which is worth one warning, not one per fold; each job's own log still records it."""
+    key = message if key is None else key
+    logger.log(logging.INFO if key in _warned else logging.WARNING, message)
+    _warned.add(key)

@@ -79,6 +79,12 @@ def test_audit_finds_the_planted_duplicates_and_warns_once(
     assert "2 exact and 3 near-duplicate image pairs" in warnings[0] and "1 shared with data.test_dir" in warnings[0]
     assert str(tmp_path / "out" / "duplicates.csv") in warnings[0]
     assert ("data.groups=auto" in warnings[0]) == bool(split)
+    # The next job of a sweep writes its own duplicates.csv: the same finding, information this time.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="src.analysis.duplicates"):
+        audit_duplicates(images, folds, leaky_root / "test", tmp_path / "out2", 4, tmp_path / "cache")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(tmp_path / "out2" / "duplicates.csv") in r.getMessage() for r in caplog.records)
 
 
 def test_distinct_images_are_not_near_duplicates(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +288,7 @@ def audit_duplicates(
         csv=write_csv(rows, Path(out_dir) / "duplicates.csv", COLUMNS),
     )
     if audit.split_across_folds or audit.train_test:
-        warn_once(log, summary(audit))
+        warn_once(log, summary(audit), key=summary(replace(audit, csv=Path("duplicates.csv"))))
     else:
         log.info(summary(audit))
     return audit
