@@ -195,14 +195,9 @@ def training_throughput(work: Path, data: Path, epochs: int, rounds: int) -> dic
     }
 
 
-def sweep(
-    work: Path, data: Path, n_images: int, folds: int, epochs: int, image_size: int, name: str, mlflow: bool = False
-) -> dict[str, Any]:
-    """(b), (s): `train.py -m fold=0,..`, end to end, with the cache off, on from empty, and on again, one after
-    the other; each job's wall time, time inside training/validation steps, and the rest (its fixed cost)."""
-    cache = work / f"feature-cache-{name}"
-    shutil.rmtree(cache, ignore_errors=True)
-    base = [
+def frozen_sweep(data: Path, folds: int, epochs: int, image_size: int, cache: Path, model_dir: str) -> list[str]:
+    """train.py arguments of the frozen-backbone sweep that (b), (s) and (r) time."""
+    return [
         "-m",
         f"fold={','.join(map(str, range(folds)))}",
         f"data.train_dir={data}",
@@ -211,7 +206,19 @@ def sweep(
         "model.weights=null",
         f"epochs={epochs}",
         f"feature_cache_dir={cache}",
-        f"model_dir=models_{name}",
+        f"model_dir={model_dir}",
+    ]
+
+
+def sweep(
+    work: Path, data: Path, n_images: int, folds: int, epochs: int, image_size: int, name: str, mlflow: bool = False
+) -> dict[str, Any]:
+    """(b), (s): `train.py -m fold=0,..`, end to end, with the cache off, on from empty, and on again, one after
+    the other; each job's wall time, time inside training/validation steps, and the rest (its fixed cost)."""
+    cache = work / f"feature-cache-{name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    base = [
+        *frozen_sweep(data, folds, epochs, image_size, cache, f"models_{name}"),
         "+callbacks.step_timer={_target_:benchmarks.arms.StepTimer}",
     ]
     runs, jobs = {}, {}
@@ -261,15 +268,7 @@ def resweep(work: Path, data: Path, folds: int, epochs: int, image_size: int) ->
     store.mkdir()
     uri = f"sqlite:///{store}/mlflow.db"
     args = [
-        "-m",
-        f"fold={','.join(map(str, range(folds)))}",
-        f"data.train_dir={data}",
-        f"data.image_size={image_size}",
-        "model.freeze_backbone=true",
-        "model.weights=null",
-        f"epochs={epochs}",
-        f"feature_cache_dir={work / 'feature-cache-b'}",
-        "model_dir=models_r",
+        *frozen_sweep(data, folds, epochs, image_size, work / "feature-cache-b", "models_r"),
         f"logger.tracking_uri={uri}",
     ]
     result: dict[str, Any] = {

@@ -1,5 +1,6 @@
 """The fixed costs of an entry point's process that no library setting removes: Python's cyclic garbage
-collector walking the millions of objects that torch, torchvision and Lightning create when imported.
+collector walking the millions of objects that torch, torchvision and Lightning create when imported, and the
+start-up of the figure helper process, which goes on the core those imports leave idle.
 
 Measured on 2 CPU cores: of the ~4.3 s a sweep spent importing them, ~1 s was full collections triggered by the
 imports themselves (each walks every object created so far), and the interpreter's last collection at exit took
