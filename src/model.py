@@ -245,9 +245,9 @@ def native_state_dict(backbone: nn.Module, head: nn.Module, head_attr: str) -> d
 
 def native_network(name: str, num_classes: int, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain torchvision model (eval mode) holding `state`, the form we export and log to MLflow."""
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **native_kwargs(name))
-    net.load_state_dict(state)
-    return net.eval()
+    from src.serving.ensemble_model import torchvision_network
+
+    return torchvision_network(name, state, {"num_classes": num_classes, **native_kwargs(name)})
 
 
 def save_model_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -178,6 +178,24 @@ def test_cam_target_layers_across_families() -> None:
     assert maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
 
 
+def test_cam_back_propagates_from_the_map_only_and_gives_grad_cams_maps() -> None:
+    """Starting autograd at the target map changes no map (densenet applies an in-place ReLU to it) and leaves
+    the network's parameters as trainable as they were."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    x, classes = torch.randn(3, 3, 64, 64), [0, 2, 1]
+    resnet = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    resnet.layer1.requires_grad_(False)  # a partly frozen network gets its own flags back
+    for net in (resnet, torchvision.models.densenet121(weights=None, num_classes=3).eval()):
+        trainable = [p.requires_grad for p in net.parameters()]
+        with GradCAM(model=net, target_layers=[target_layer(net, x)]) as cam:
+            expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(k) for k in classes])
+        np.testing.assert_allclose(class_activation_maps(net, x, classes), expected, atol=1e-6)
+        assert [p.requires_grad for p in net.parameters()] == trainable
+
+
 def test_write_report(dataset: dict, tmp_path: Path) -> None:
     oof_csv = dataset["tmp"] / "oof_predictions.csv"
     metrics = write_report(oof_csv, dataset["models"], dataset["root"], tmp_path, top_k=16)

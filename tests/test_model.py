@@ -23,6 +23,7 @@ from src.model import (
     build_network,
     load_model_file,
     native_kwargs,
+    native_network,
     save_model_file,
 )
 from src.predicting import load_model
@@ -169,6 +170,22 @@ def test_exported_file_loads_with_weights_only_into_plain_torchvision(tmp_path: 
     with torch.no_grad():
         assert torch.allclose(net(x), model(x), atol=1e-5) and torch.allclose(plain.eval()(x), model(x), atol=1e-5)
     assert meta["classes"] == CLASSES
+
+
+def test_native_network_holds_the_given_tensors_or_converts_them() -> None:
+    """Built on the meta device, the network takes the state's tensors; a state in another dtype is copied into
+    an ordinary float32 network. Both give the reference network's outputs, and nothing stays on meta."""
+    reference = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for state in (reference.state_dict(), {k: v.double() for k, v in reference.state_dict().items()}):
+        net = native_network("resnet18", 3, state)
+        tensors = [*net.parameters(), *net.buffers()]
+        assert not any(t.is_meta for t in tensors) and {t.dtype for t in tensors} == {torch.float32, torch.int64}
+        assert not net.training
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), reference(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        native_network("resnet18", 3, {k: v for k, v in reference.state_dict().items() if k != "fc.bias"})
 
 
 def test_unreadable_or_foreign_checkpoints_are_errors(tmp_path: Path) -> None:

@@ -61,6 +61,14 @@ def target_layer(net: nn.Module, example: torch.Tensor) -> nn.Module | None:
     return None
 
 
+def _gradients_start_here(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    """The target map as the start of the autograd graph. Grad-CAM needs only d(score)/d(map): with every
+    parameter frozen, nothing before the map is recorded or back-propagated (a fraction of the full backward
+    pass), and the maps are the same. A copy, not the leaf itself, so a network that applies an in-place op
+    to the map (densenet's final ReLU) still runs."""
+    return output.detach().requires_grad_(True).clone()
+
+
 def class_activation_maps(net: nn.Module, batch: torch.Tensor, classes: Sequence[int]) -> np.ndarray | None:
     """(N, H, W) Grad-CAM maps in [0, 1] at the input's size, each for the class given for its image; None
     where the network has no suitable layer (see `target_layer`)."""
@@ -68,6 +76,9 @@ def class_activation_maps(net: nn.Module, batch: torch.Tensor, classes: Sequence
     if layer is None:
         return None
     targets = [ClassifierOutputTarget(int(k)) for k in classes]
+    trainable = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    start = layer.register_forward_hook(_gradients_start_here)  # before GradCAM's hooks, which read its output
     try:
         with GradCAM(model=net, target_layers=[layer]) as cam:
             maps = [
@@ -77,6 +88,10 @@ def class_activation_maps(net: nn.Module, batch: torch.Tensor, classes: Sequence
     except RuntimeError as err:  # an exotic network must not cost the rest of the report
         log.warning("no class-activation maps for %s: %s", type(net).__name__, err)
         return None
+    finally:
+        start.remove()
+        for param, flag in zip(net.parameters(), trainable, strict=True):
+            param.requires_grad_(flag)
     return np.nan_to_num(np.concatenate(maps).astype(np.float32))
 
 

@@ -110,10 +110,31 @@ def load_model_file(path: str | Path, network_kwargs: dict[str, Any] | None = No
     the saved layout (src.model.native_kwargs; recorded in ensemble.json when the ensemble is saved).
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    kwargs = {"weights": None, "num_classes": len(saved["classes"]), **(network_kwargs or {})}
-    net = torchvision.models.get_model(saved["backbone"], **kwargs)
-    net.load_state_dict(saved["state_dict"])
-    return net.eval(), {k: v for k, v in saved.items() if k != "state_dict"}
+    kwargs = {"num_classes": len(saved["classes"]), **(network_kwargs or {})}
+    return torchvision_network(saved["backbone"], saved["state_dict"], kwargs), {
+        k: v for k, v in saved.items() if k != "state_dict"
+    }
+
+
+def torchvision_network(name: str, state: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> nn.Module:
+    """`torchvision.models.get_model(name, **kwargs)` in eval mode, holding `state`.
+
+    Built on the meta device and given `state`'s tensors: the random initialisation that `state` overwrites
+    took two thirds of loading a resnet18. A model with buffers that `state` cannot hold (non-persistent ones,
+    computed in its constructor) or a state in other dtypes is built and filled the ordinary way.
+    """
+    kwargs = {"weights": None, **kwargs}
+    with torch.device("meta"):
+        skeleton = torchvision.models.get_model(name, **kwargs)
+    expected = skeleton.state_dict()
+    if set(dict(skeleton.named_buffers())) <= expected.keys() and all(
+        key in state and state[key].dtype == tensor.dtype for key, tensor in expected.items()
+    ):
+        skeleton.load_state_dict(state, assign=True)
+        return skeleton.eval()
+    net = torchvision.models.get_model(name, **kwargs)
+    net.load_state_dict(state)
+    return net.eval()
 
 
 def common_settings(metas: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
