@@ -30,6 +30,7 @@ from src.analysis import (
 )
 from src.analysis.__main__ import main
 from src.analysis.cam import class_activation_maps, target_layer
+from src.analysis.gallery import fit_square
 from src.analysis.label_issues import write_label_issues
 from src.errors import UserError
 from src.model import save_model_file
@@ -176,6 +177,17 @@ def test_cam_target_layers_across_families() -> None:
     maps = class_activation_maps(resnet, x, [0, 2])
     assert maps.shape == (2, 64, 64)
     assert maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
+
+
+def test_thumbnails_fill_their_square_and_keep_their_shape() -> None:
+    """An 8 px digit grows to the square with its pixels intact; a wide photo shrinks to its width; grey and
+    float images become uint8 RGB."""
+    digit = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    big = fit_square(digit, 220)
+    assert big.shape == (220, 220, 3) and big.dtype == np.uint8
+    assert big[0, 0, 0] == 0 and big[-1, -1, 0] == 63 and set(np.unique(big)) <= set(range(64))
+    wide = fit_square(np.random.default_rng(0).random((300, 600, 3)), 220)
+    assert wide.shape == (110, 220, 3) and wide.dtype == np.uint8
 
 
 def test_cam_back_propagates_from_the_map_only_and_gives_grad_cams_maps() -> None:
