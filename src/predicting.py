@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 MLFLOW_PREFIXES = ("models:/", "runs:/")
 ENSEMBLE_ARTIFACT = "ensemble"  # where a configuration's parent run holds its fold ensemble
+# runtime=auto on a CPU: exporting a ResNet18 to ONNX takes ~2.5 s on the 2-core benchmark machine, and onnxruntime
+# then saves ~4 ms per 224 px image per network over torch channels-last (benchmarks/predict_bench.py), so the
+# export pays for itself after about 600 images of 224 px; in pixels, since both scale with the image's area.
+ONNX_PAYBACK_PIXELS = 600 * 224 * 224
 REF_HINT = (
     "pass a models/*.pth file, a .ckpt, a model.onnx, models:/<name>@<alias>, models:/<name>/<version> "
     "or runs:/<parent run id>"
@@ -161,25 +165,38 @@ def load_model(ref: str, cfg: DictConfig) -> LoadedModel:
     return _from_single(*load_model_file(path), origin)
 
 
-def resolve_runtime(runtime: str, model: LoadedModel) -> str:
-    """`auto`: onnxruntime on a CPU when it is installed (measured fastest, benchmarks/predict_bench.py), else torch."""
+def resolve_runtime(runtime: str, model: LoadedModel, images: int | None = None, tta: str = "none") -> str:
+    """`auto`: torch on a GPU; on a CPU, onnxruntime (measured fastest, benchmarks/predict_bench.py) when it is
+    installed and `images` are enough to repay exporting the networks (None: assume they are), else torch."""
     import torch
 
-    from src.serving.onnx_model import onnxruntime_available
+    from src.serving.onnx_model import crop_hw, onnxruntime_available
 
     if runtime not in ("auto", "torch", "onnxruntime"):
         raise UserError(f"runtime={runtime} is not one of auto, torch, onnxruntime")
     if model.is_onnx:
         return "onnxruntime"
     if runtime == "auto":
-        return "onnxruntime" if not torch.cuda.is_available() and onnxruntime_available() else "torch"
+        if torch.cuda.is_available() or not onnxruntime_available():
+            return "torch"
+        if images is not None:
+            height, width = crop_hw(model.preprocessing)
+            if images * (2 if tta == "hflip" else 1) * height * width < ONNX_PAYBACK_PIXELS:
+                n = len(model.nets)
+                log.info(
+                    "runtime=auto: torch, since %d images at %dx%d px are too few to repay exporting %d network%s to "
+                    "ONNX (runtime=onnxruntime exports them once)",
+                    images, height, width, n, "s" * (n > 1),
+                )  # fmt: skip
+                return "torch"
+        return "onnxruntime"
     if runtime == "onnxruntime" and not onnxruntime_available():
         raise UserError("runtime=onnxruntime needs onnxruntime, onnx and onnxscript: pip install -r requirements.txt")
     return runtime
 
 
-def build_predictor(model: LoadedModel, cfg: DictConfig) -> Any:
-    """The Predictor for a loaded model under the config's tta and runtime."""
+def build_predictor(model: LoadedModel, cfg: DictConfig, images: int | None = None) -> Any:
+    """The Predictor for a loaded model under the config's tta and runtime, for `images` images (None: unknown)."""
     from src.serving import Predictor
     from src.serving.ensemble_model import TTA_MODES
 
@@ -187,7 +204,7 @@ def build_predictor(model: LoadedModel, cfg: DictConfig) -> Any:
     if tta not in TTA_MODES:
         raise UserError(f"tta={tta} is not one of {', '.join(TTA_MODES)}")
     asked = str(OmegaConf.select(cfg, "runtime", default="torch"))
-    runtime = resolve_runtime(asked, model)
+    runtime = resolve_runtime(asked, model, images, tta)
     nets = model.nets
     if runtime == "onnxruntime" and not model.is_onnx:
         from src.serving.onnx_model import onnx_nets
@@ -211,12 +228,12 @@ def build_predictor(model: LoadedModel, cfg: DictConfig) -> Any:
     )
 
 
-def load_predictor(cfg: DictConfig) -> tuple[Any, LoadedModel]:
-    """The Predictor for `cfg.ckpt`, and what was loaded (origin tags included)."""
+def load_predictor(cfg: DictConfig, images: int | None = None) -> tuple[Any, LoadedModel]:
+    """The Predictor for `cfg.ckpt` to run on `images` images, and what was loaded (origin tags included)."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError(f"pass the model: ckpt=<model>; {REF_HINT}")
     model = load_model(str(cfg.ckpt), cfg)
-    return build_predictor(model, cfg), model
+    return build_predictor(model, cfg, images), model
 
 
 def _skipped_warning(skipped: list[str], what: str) -> None:
@@ -264,7 +281,7 @@ def predict(cfg: DictConfig) -> Path:
     if not images:
         found = f"holds only {len(skipped)} hidden or non-image files" if skipped else "matches no files"
         raise UserError(f"input={cfg.input} {found}; pass a folder of images, an image file or a glob")
-    predictor, model = load_predictor(cfg)
+    predictor, model = load_predictor(cfg, len(images))
     result = predict_files(predictor, images, int(cfg.batch_size), resolve_num_workers(cfg.num_workers))
     _skipped_warning([str(p) for p in skipped] + [str(images[i]) for i in result.failed], str(cfg.input))
     if not result.indices:

@@ -55,9 +55,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "ckpt=models:/<name>@champion or ckpt=runs:/<parent run id> (its fold ensemble)"
         )
     ref = str(cfg.ckpt)
-    predictor, model = load_predictor(cfg)
-    classes = list(predictor.classes)
     images = scan_image_folder(cfg.data.test_dir, "data.test_dir")
+    predictor, model = load_predictor(cfg, len(images.paths))
+    classes = list(predictor.classes)
     unknown = [c for c in images.classes if c not in classes]
     if unknown:
         raise UserError(

@@ -293,6 +293,7 @@ def test_test_py_scores_the_ensemble_with_its_log_probabilities(
         f"data.test_dir={image_root / 'test'}",
         f"logger.tracking_uri={store['uri']}",
         "logger.experiment_name=serving",
+        "runtime=onnxruntime",  # 9 small images alone would run torch (see the next test)
         f"onnx_cache_dir={work / 'onnx'}",
         f"hydra.run.dir={out}",
     )
@@ -327,6 +328,25 @@ def test_test_py_scores_the_ensemble_with_its_log_probabilities(
     probs = reference_probs(folds, test_images, hflip=True)
     assert metrics["tta"] == "hflip"
     assert metrics["loss"] == pytest.approx(-np.log(probs[np.arange(len(targets)), targets]).mean(), abs=1e-4)
+
+
+def test_runtime_auto_exports_to_onnx_only_for_images_that_repay_it(folds: list[Path]) -> None:
+    """A few images run torch at once; many, or mirrored ones counted twice, get onnxruntime; asking for a
+    runtime gets it."""
+    from src.predicting import ONNX_PAYBACK_PIXELS, load_model, resolve_runtime
+
+    model = load_model(str(folds[0]), DictConfig({}))
+    if torch.cuda.is_available():  # a GPU runs torch whatever the count
+        assert resolve_runtime("auto", model, 10**9) == "torch"
+        return
+    area = model.preprocessing["crop_size"] ** 2
+    enough = -(-ONNX_PAYBACK_PIXELS // area)  # images of this size that repay the export
+    assert resolve_runtime("auto", model, 9) == "torch"
+    assert resolve_runtime("auto", model, enough - 1) == "torch"
+    assert resolve_runtime("auto", model, enough) == "onnxruntime"
+    assert resolve_runtime("auto", model, -(-enough // 2), tta="hflip") == "onnxruntime"
+    assert resolve_runtime("auto", model) == "onnxruntime"  # a count not known: as before
+    assert resolve_runtime("onnxruntime", model, 1) == "onnxruntime" and resolve_runtime("torch", model) == "torch"
 
 
 def test_predict_py_on_a_messy_folder_skips_bad_files_with_one_warning(

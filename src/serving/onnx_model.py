@@ -28,7 +28,7 @@ EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnx_ir", "onnxscript")
 INPUT_DOC = "float32 NCHW, RGB scaled to [0, 1] then normalised with mean/std, H x W = crop_size; batch is dynamic"
 
 
-def _crop_hw(preprocessing: dict[str, Any]) -> tuple[int, int]:
+def crop_hw(preprocessing: dict[str, Any]) -> tuple[int, int]:
     crop = preprocessing["crop_size"]
     return (int(crop), int(crop)) if isinstance(crop, int | float) else (int(crop[0]), int(crop[-1]))
 
@@ -51,7 +51,7 @@ def _quiet(*names: str) -> Iterator[None]:
 def export_onnx(net: nn.Module, meta: dict[str, Any], path: str | Path) -> Path:
     """Write `net` as ONNX (torch.onnx.export with the dynamo exporter, weights inside the one file)."""
     preprocessing = preprocessing_from_meta(meta)
-    example = torch.zeros(2, 3, *_crop_hw(preprocessing))
+    example = torch.zeros(2, 3, *crop_hw(preprocessing))
     net = net.cpu()
     if not isinstance(net, torch.fx.GraphModule):
         net.eval()
