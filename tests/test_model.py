@@ -173,8 +173,9 @@ def test_exported_file_loads_with_weights_only_into_plain_torchvision(tmp_path: 
 
 
 def test_native_network_holds_the_given_tensors_or_converts_them() -> None:
-    """Built on the meta device, the network takes the state's tensors; a state in another dtype is copied into
-    an ordinary float32 network. Both give the reference network's outputs, and nothing stays on meta."""
+    """Built on the meta device, the network takes the state's tensors; a state in another dtype, or a network
+    whose constructor needs real tensors, is built the ordinary way. All give the reference network's outputs,
+    and nothing stays on meta."""
     reference = torchvision.models.resnet18(num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
     for state in (reference.state_dict(), {k: v.double() for k, v in reference.state_dict().items()}):
@@ -186,6 +187,9 @@ def test_native_network_holds_the_given_tensors_or_converts_them() -> None:
             torch.testing.assert_close(net(x), reference(x))
     with pytest.raises(RuntimeError, match="Missing key"):
         native_network("resnet18", 3, {k: v for k, v in reference.state_dict().items() if k != "fc.bias"})
+    regnet = torchvision.models.regnet_x_400mf(num_classes=3).eval()  # its constructor cannot run on meta
+    with torch.no_grad():
+        torch.testing.assert_close(native_network("regnet_x_400mf", 3, regnet.state_dict())(x), regnet(x))
 
 
 def test_unreadable_or_foreign_checkpoints_are_errors(tmp_path: Path) -> None:

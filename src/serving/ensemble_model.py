@@ -120,21 +120,34 @@ def torchvision_network(name: str, state: dict[str, torch.Tensor], kwargs: dict[
     """`torchvision.models.get_model(name, **kwargs)` in eval mode, holding `state`.
 
     Built on the meta device and given `state`'s tensors: the random initialisation that `state` overwrites
-    took two thirds of loading a resnet18. A model with buffers that `state` cannot hold (non-persistent ones,
-    computed in its constructor) or a state in other dtypes is built and filled the ordinary way.
+    took two thirds of loading a resnet18. A model with tensors that `state` cannot hold (non-persistent buffers
+    or plain tensor attributes, computed in its constructor) or a state in other dtypes is built and filled the
+    ordinary way.
     """
     kwargs = {"weights": None, **kwargs}
-    with torch.device("meta"):
-        skeleton = torchvision.models.get_model(name, **kwargs)
-    expected = skeleton.state_dict()
-    if set(dict(skeleton.named_buffers())) <= expected.keys() and all(
-        key in state and state[key].dtype == tensor.dtype for key, tensor in expected.items()
-    ):
+    try:
+        with torch.device("meta"):
+            skeleton = torchvision.models.get_model(name, **kwargs)
+    except Exception:  # a constructor that reads tensor values (regnet's widths) cannot run on meta
+        skeleton = None
+    if skeleton is not None and _holds_only(skeleton, state):
         skeleton.load_state_dict(state, assign=True)
-        return skeleton.eval()
+        if not any(  # a plain tensor attribute, which no state dict fills
+            isinstance(value, torch.Tensor) and value.is_meta for m in skeleton.modules() for value in vars(m).values()
+        ):
+            return skeleton.eval()
     net = torchvision.models.get_model(name, **kwargs)
     net.load_state_dict(state)
     return net.eval()
+
+
+def _holds_only(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` has every tensor of `skeleton`, each in its dtype, and the skeleton keeps no buffer outside
+    its state dict."""
+    expected = skeleton.state_dict()
+    return set(dict(skeleton.named_buffers())) <= expected.keys() and all(
+        key in state and state[key].dtype == tensor.dtype for key, tensor in expected.items()
+    )
 
 
 def common_settings(metas: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
