@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     report follow its argmax, and `loss` is the ensemble's negative log-likelihood. For one model without TTA the
     log-probabilities are log_softmax(logits), which gives the same metrics as the logits themselves.
     """
-    from src.predicting import load_predictor
+    from src.predicting import build_predictor, load_model
     from src.serving.files import predict_files
 
     if OmegaConf.is_missing(cfg, "ckpt"):
@@ -55,8 +55,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "ckpt=models:/<name>@champion or ckpt=runs:/<parent run id> (its fold ensemble)"
         )
     ref = str(cfg.ckpt)
+    model = load_model(ref, cfg)  # a bad ckpt is the first thing to report
     images = scan_image_folder(cfg.data.test_dir, "data.test_dir")
-    predictor, model = load_predictor(cfg, len(images.paths))
+    predictor = build_predictor(model, cfg, len(images.paths))  # the count decides whether ONNX pays
     classes = list(predictor.classes)
     unknown = [c for c in images.classes if c not in classes]
     if unknown:

@@ -121,10 +121,15 @@ def test_unknown_test_class_and_bad_ckpt_are_one_line(trained: Path, tmp_path: P
     import shutil
 
     shutil.copy(tmp_path / "test" / "cat" / "000.png", tmp_path / "test" / "wolf" / "000.png")
-    base = ["logger=none", f"hydra.run.dir={tmp_path / 'out'}"]
-    line = error_line(run_cli("test.py", f"ckpt={model}", f"data.test_dir={tmp_path / 'test'}", *base))
+    base = ["logger=none", f"data.test_dir={tmp_path / 'test'}", f"hydra.run.dir={tmp_path / 'out'}"]
+    line = error_line(run_cli("test.py", f"ckpt={model}", *base))
     assert "wolf" in line and "not trained on" in line
-    assert "does not exist" in error_line(run_cli("test.py", f"ckpt={tmp_path / 'gone.pth'}", *base))
+    gone = tmp_path / "gone.pth"
+    assert f"ckpt={gone} does not exist" in error_line(run_cli("test.py", f"ckpt={gone}", *base))
+    # the model is checked before the images: a bad ckpt is named even when data.test_dir is missing too
+    nowhere = ["logger=none", f"data.test_dir={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'out'}"]
+    assert "data.test_dir" in error_line(run_cli("test.py", f"ckpt={model}", *nowhere))
+    assert f"ckpt={gone} does not exist" in error_line(run_cli("test.py", f"ckpt={gone}", *nowhere))
     (tmp_path / "bad.ckpt").write_bytes(b"\x00garbage")
     assert "not a readable PyTorch file" in error_line(run_cli("test.py", f"ckpt={tmp_path / 'bad.ckpt'}", *base))
     assert "ckpt=" in error_line(run_cli("test.py", *base))
