@@ -35,6 +35,7 @@ from src.analysis.label_issues import write_label_issues
 from src.errors import UserError
 from src.model import save_model_file
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import ROOT
 
 # Sorted, as ImageFolder sorts them; with a space, an underscore, HTML characters and a long name.
 CLASSES = ["blue jay <b>", "red_fox", "snow leopard of the high mountain ranges of central asia"]
@@ -325,3 +326,18 @@ def test_cli_on_a_parent_run(dataset: dict, tmp_path: Path, capsys: pytest.Captu
 
     assert main([child, "--tracking-uri", uri]) == 2
     assert f"pass its parent run {parent}" in capsys.readouterr().err
+
+
+def test_training_imports_the_duplicate_audit_without_the_report_libraries() -> None:
+    """Every training job imports src.analysis.duplicates; the report's libraries load only when a name is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import src.analysis.duplicates; "
+        "heavy = {'pytorch_grad_cam', 'cleanlab', 'sklearn.calibration'} & set(sys.modules); "
+        "assert not heavy, heavy; "
+        "from src.analysis import write_report, OOF; assert 'pytorch_grad_cam' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
