@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MLFLOW_PREFIXES = ("models:/", "runs:/")
 ENSEMBLE_ARTIFACT = "ensemble"  # where a configuration's parent run holds its fold ensemble
-# runtime=auto on a CPU: exporting a ResNet18 to ONNX takes ~2.5 s on the 2-core benchmark machine, and onnxruntime
+# runtime=auto on a CPU: exporting a ResNet18 to ONNX takes ~2.5-3 s on the 2-core benchmark machine, and onnxruntime
 # then saves ~4 ms per 224 px image per network over torch channels-last (benchmarks/predict_bench.py), so the
 # export pays for itself after about 600 images of 224 px; in pixels, since both scale with the image's area.
 ONNX_PAYBACK_PIXELS = 600 * 224 * 224

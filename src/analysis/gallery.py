@@ -17,7 +17,7 @@ LINE_INCHES = 0.16  # one caption line at 8 pt
 MAX_COLUMNS = 8
 DPI = 100
 CAPTION_GAP_INCHES = 0.04  # between an image and its caption
-PNG_COMPRESSION = 1  # photos barely shrink at zlib's default 6, which takes several times as long to write
+PNG_COMPRESSION = 1  # zlib's default 6 makes a photo gallery ~20% smaller and takes ~3.5x as long to write
 NAME_WIDTH = 26  # characters of a class name per caption line at the caption's font size
 
 
