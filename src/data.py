@@ -32,6 +32,7 @@ from torch.utils.data import (
 )
 from torchvision.transforms import v2
 
+from src import file_memo
 from src.errors import UserError, warn_once
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -86,12 +87,7 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(image)
 
 
-def _is_readable_image(path: Path) -> bool:
-    """Cheap validity check: headers and checksums for all files, a reduced decode for JPEG.
-
-    PNG `verify()` walks every chunk CRC, which catches truncation without decoding;
-    a JPEG is only proven whole by decoding it, done at 1/8 scale via `draft`.
-    """
+def _check_image(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.verify()
@@ -103,6 +99,16 @@ def _is_readable_image(path: Path) -> bool:
         return True
     except Exception:  # Pillow raises many types for broken files; any of them means skip.
         return False
+
+
+def _is_readable_image(path: Path) -> bool:
+    """Cheap validity check: headers and checksums for all files, a reduced decode for JPEG.
+
+    PNG `verify()` walks every chunk CRC, which catches truncation without decoding;
+    a JPEG is only proven whole by decoding it, done at 1/8 scale via `draft`. Checked once per file and
+    process (src/file_memo.py): every job of a sweep scans the same folder.
+    """
+    return file_memo.remembered(path, "readable_image", _check_image)
 
 
 def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFolder:

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.transforms import v2
 
+from src import file_memo
 from src.data import FoldDataModule, ImageDataset, make_loader, resolve_augment
 from src.errors import UserError
 from src.evaluation import predict
@@ -89,9 +90,8 @@ def use_feature_cache(cfg: DictConfig) -> bool:
 
 
 def digest_bytes(path: Path) -> str:
-    """sha256 of a file's bytes: the identity of an image, whatever its name or folder."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """sha256 of a file's bytes: the identity of an image, whatever its name or folder (read once per process)."""
+    return file_memo.sha256(path)
 
 
 def cache_key(

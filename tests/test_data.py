@@ -3,8 +3,10 @@ augmentation, MixUp/CutMix and the balanced sampler."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from src import file_memo
 from src.data import FoldDataModule, MixCollate, assign_folds, build_transform, scan_image_folder, to_rgb
 from src.errors import UserError
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resolve_preprocessing
@@ -98,6 +101,30 @@ def test_bad_files_are_skipped_with_one_warning(tmp_path: Path, caplog: pytest.L
     with caplog.at_level(logging.INFO):
         scan_image_folder(root)  # the next job of a sweep, in the same process: recorded, not warned again
     assert [r.levelno for r in caplog.records if "dog/.DS_Store" in r.getMessage()] == [logging.INFO]
+
+
+def test_a_file_fact_is_reused_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """src/file_memo.py: the jobs of a sweep read and check each image once; a changed file is read again."""
+    path = tmp_path / "a.png"
+    path.write_bytes(b"first")
+    calls: list[bytes] = []
+
+    def compute(p: Path) -> bytes:
+        calls.append(p.read_bytes())
+        return calls[-1]
+
+    assert [file_memo.remembered(path, "test", compute) for _ in range(2)] == [b"first"] * 2
+    assert len(calls) == 2, "a file written in the last 2 s is read again: its timestamp may not show a rewrite"
+    monkeypatch.setattr(file_memo, "RACY_NS", 0)  # as if the file were older
+    assert [file_memo.remembered(path, "test", compute) for _ in range(2)] == [b"first"] * 2
+    assert len(calls) == 3
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    path.write_bytes(b"other")  # the same size, new content
+    assert file_memo.remembered(path, "test", compute) == b"other" and len(calls) == 4
+    assert file_memo.sha256(path) == hashlib.sha256(b"other").hexdigest()
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        file_memo.remembered(path, "test", compute)
 
 
 def test_missing_data_dir_says_how_to_get_data(tmp_path: Path) -> None:

@@ -150,6 +150,11 @@ def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path
         [child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
     )
     assert len(models) == 1 and models[0].name == "model"
+    # The run lists the model as its output, and the fold's final metrics are the model's metrics too.
+    assert [o.model_id for o in child.outputs.model_outputs] == [models[0].model_id]
+    model_metrics = {m.key: m.value for m in models[0].metrics}
+    assert model_metrics["best_val_accuracy"] == pytest.approx(child.data.metrics["best_val_accuracy"])
+    assert models[0].params == child.data.params
     # Artifacts live beside the database, not under the folder the sweep ran from.
     artifact_dir = local_dir(client.get_run(child.info.run_id).info.artifact_uri)
     assert artifact_dir.is_relative_to(sweep_store[1] / "mlruns" / "pytorch-classification"), artifact_dir

@@ -14,7 +14,6 @@ hashes, in numpy blocks: every pair of 20,000 images in about a second.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from src import file_memo
 from src.data import ImageFolder, scan_image_folder, to_rgb
 from src.errors import UserError, warn_once
 from src.evaluation import write_csv
@@ -143,11 +143,10 @@ def hash_images(root: str | Path, paths: Sequence[str], cache_dir: str | Path | 
     new: dict[str, str] = {}
     shas, hashes = [], np.empty(len(paths), dtype=np.uint64)
     for i, path in enumerate(paths):
-        data = (Path(root) / path).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
+        sha = file_memo.sha256(Path(root) / path)
         value = cache.get(sha) or new.get(sha)
         if value is None:
-            value = new[sha] = f"{_phash(data):016x}"
+            value = new[sha] = f"{_phash((Path(root) / path).read_bytes()):016x}"
         shas.append(sha)
         hashes[i] = int(value, 16)
     if cache_dir and new:

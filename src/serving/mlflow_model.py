@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -66,25 +67,40 @@ def _as_model_file(path: Path, staging: Path, i: int) -> Path:
 def log_ensemble_model(
     model_files: Sequence[str | Path],
     *,
+    run_id: str | None = None,
+    metrics: Mapping[str, float] | None = None,
     tta: str = "none",
     temperature: float = 1.0,
     name: str = "ensemble",
     input_example: bool = True,
 ) -> Any:
-    """Log the fold models as one MLflow model `name` on the active run; return its ModelInfo.
+    """Log the fold models as one MLflow model `name` of run `run_id` (default: the active run); return its
+    ModelInfo. Register it with `mlflow.register_model(info.model_uri, ...)`.
 
-    Call it inside `mlflow.start_run(run_id=...)` (the configuration's parent run). The model is the
-    self-contained src/serving/ensemble_model.py with the files under artifacts/ensemble/ (ensemble.json and
-    model_<i>.pth); one file makes an ensemble of one. Register it with `mlflow.register_model(info.model_uri, ...)`.
-    `input_example=False` logs no example, which also skips MLflow's check that loads and runs the model (~1 s).
+    The model is the self-contained src/serving/ensemble_model.py with the files under artifacts/ensemble/
+    (ensemble.json and model_<i>.pth); one file makes an ensemble of one. It carries the run's params, and
+    `metrics` are logged to the run linked to it (MLflow's model metrics).
+
+    Given `run_id` outside an active run, it is logged the way `mlflow.initialize_logged_model` documents: the
+    run is not made active, so its status stays as it is (a fold run is closed only after its last artifact)
+    and MLflow skips re-reading every metric history of the run to link the ones at step 0 (16 requests for a
+    fold run). `input_example=False` logs no example, which also skips MLflow's check that loads and runs the
+    model (~1 s).
     """
     import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric
 
     from src.errors import UserError
     from src.model import native_kwargs
 
-    if mlflow.active_run() is None:
-        raise UserError("log_ensemble_model needs an active MLflow run: call it inside mlflow.start_run(run_id=...)")
+    active = mlflow.active_run()
+    run_id = run_id or (active.info.run_id if active else None)
+    if run_id is None:
+        raise UserError("log_ensemble_model needs run_id=... or an active MLflow run (mlflow.start_run)")
+    if active is not None and active.info.run_id != run_id:  # MLflow would link the model to the active run
+        raise UserError(f"log_ensemble_model(run_id={run_id}) inside another active run; call it outside that run")
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         files = [_as_model_file(Path(p), staging, i) for i, p in enumerate(model_files)]
@@ -94,12 +110,21 @@ def log_ensemble_model(
             )
         except ValueError as err:
             raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, params=run.data.params, experiment_id=run.info.experiment_id
+        )
+        if metrics:
+            now = int(time.time() * 1000)
+            client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in metrics.items()]
+            )
         metadata = {k: config[k] for k in ("classes", "backbone", "preprocessing", "tta", "temperature")}
         with warnings.catch_warnings():
             # Left out on purpose (input_example=False): the signature is given, and the check would cost ~1 s.
             warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
-            return mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name=name,
+                model_id=model.model_id,
                 python_model=ensemble_model.__file__,
                 artifacts={ARTIFACT: str(staging / ARTIFACT)},
                 signature=signature(config["classes"]),
@@ -107,6 +132,9 @@ def log_ensemble_model(
                 pip_requirements=pip_requirements(),
                 metadata={"kind": KIND, "n_models": len(files), **metadata},
             )
+    if active is None:  # inside the active run, MLflow links them itself
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return info
 
 
 def ensemble_dir(model_dir: str | Path) -> Path | None:

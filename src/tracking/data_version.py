@@ -51,11 +51,12 @@ def dvc_data_version(data_dir: str | Path, dvc_file: str | Path = "data.dvc") ->
 
 def content_digest(root: Path, paths: Sequence[str], labels: Sequence[str]) -> str:
     """sha256 over every (relative path, class, file bytes): the data's identity without DVC."""
+    from src import file_memo
+
     h = hashlib.sha256()
     for path, label in sorted(zip(paths, labels, strict=True)):
         h.update(f"{path}\0{label}\0".encode())
-        with (Path(root) / path).open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(bytes.fromhex(file_memo.sha256(Path(root) / path)))
     return f"sha256:{h.hexdigest()[:32]}"
 
 

@@ -13,7 +13,6 @@ import logging
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +64,8 @@ def _sweep_dir() -> str | None:
     return None
 
 
-def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, str, str]:
-    """(experiment id, parent run id, config hash) of this configuration, creating the parent on first use."""
+def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, Any, str]:
+    """(experiment id, parent run, config hash) of this configuration, creating the parent on first use."""
     client = store.client(uri)
     digest = ident.config_hash(cfg, data)
     with store.store_lock(uri):  # also serialises the creation of a new sqlite store's tables
@@ -78,10 +77,10 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, st
             max_results=1,
         )
         if runs:
-            parent_id = runs[0].info.run_id
-            client.update_run(parent_id, status="RUNNING")  # its end time moves with its folds (summary.py)
+            parent = runs[0]
+            client.update_run(parent.info.run_id, status="RUNNING")  # its end time moves with its folds (summary.py)
         else:
-            run = client.create_run(
+            parent = client.create_run(
                 experiment_id,
                 run_name=ident.parent_name(cfg, digest),
                 tags={
@@ -93,12 +92,11 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, st
                     **git_tags(),
                 },
             )
-            parent_id = run.info.run_id
-            log_params(client, parent_id, ident.as_params(ident.identity(cfg, data)))
+            log_params(client, parent.info.run_id, ident.as_params(ident.identity(cfg, data)))
     sweep_dir = _sweep_dir()
-    if sweep_dir:
-        client.set_tag(parent_id, "hydra_sweep_dir", sweep_dir)
-    return experiment_id, parent_id, digest
+    if sweep_dir and parent.data.tags.get("hydra_sweep_dir") != sweep_dir:
+        client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
+    return experiment_id, parent, digest
 
 
 class _Terminated(SystemExit):
@@ -115,6 +113,7 @@ class FoldRun:
     experiment_id: str
     parent_id: str
     run_id: str
+    artifact_uri: str
     monitor: Any = field(default=None, repr=False)
 
     @property
@@ -176,32 +175,23 @@ class FoldRun:
     def finish(self, result: dict[str, Any]) -> None:
         """Log metrics, config, reports, the exported file and the MLflow model; close the run FINISHED;
         then register it and update the parent (CV summary, out-of-fold report, ensemble, champion)."""
-        import mlflow
-        from mlflow.entities import Metric
+        from src.serving import log_ensemble_model
 
         client = self.client
         best = result["best_val_accuracy"]
-        now = int(time.time() * 1000)
         metrics = {"best_val_accuracy": best, **{f"final_val_{k}": v for k, v in result["val_metrics"].items()}}
-        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self._log_config()
         files = [Path(p) for p in result["files"].values()]
         for path in files:
             if path.suffix != ".png":
                 client.log_artifact(self.run_id, str(path), "reports")
         model_file = Path(result["model_file"])
-        client.log_artifact(self.run_id, str(model_file), "exported")
+        store.log_linked(client, self.run_id, self.artifact_uri, model_file, "exported")
         store.use(self.uri)
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            from src.serving import log_ensemble_model
-
-            # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble.
-            info = log_ensemble_model([model_file], name="model", input_example=False)
-        for location in (
-            client.get_run(self.run_id).info.artifact_uri,
-            mlflow.get_logged_model(info.model_id).artifact_location,
-        ):
-            store.link_copies(location, [model_file])  # one copy of the network on disk
+        # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble; the
+        # final metrics are the model's too.
+        info = log_ensemble_model([model_file], run_id=self.run_id, metrics=metrics, name="model", input_example=False)
+        store.link_copies(client.get_logged_model(info.model_id).artifact_location, [model_file])  # one copy on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
         plots.wait(result.get("figures", []))  # drawn by src/plots.py's helper meanwhile
         for path in files:
@@ -227,7 +217,8 @@ def start_fold_run(cfg: DictConfig, fold: int, data: dict[str, str]) -> FoldRun:
     uri = store.tracking_uri(cfg)
     store.check_reachable(uri)
     client = store.client(uri)
-    experiment_id, parent_id, digest = parent_run(cfg, data, uri)
+    experiment_id, parent, digest = parent_run(cfg, data, uri)
+    parent_id = parent.info.run_id
     tags = {
         PARENT_TAG: parent_id,
         RUN_TYPE_TAG: "fold",
@@ -238,12 +229,12 @@ def start_fold_run(cfg: DictConfig, fold: int, data: dict[str, str]) -> FoldRun:
         **git_tags(),
         **data,
     }
-    name = f"{client.get_run(parent_id).info.run_name} fold={fold}"
+    name = f"{parent.info.run_name} fold={fold}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     log_params(client, run.info.run_id, ident.all_params(cfg))
     if "data_version" in data:
         log_dataset(client, run.info.run_id, Path(cfg.data.train_dir), data["data_version"], "training", "train")
-    fold_run = FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id)
+    fold_run = FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id, run.info.artifact_uri)
     fold_run.start_system_metrics()
     return fold_run
 
@@ -285,7 +276,7 @@ def reopen_fold_run(cfg: DictConfig, fold: int, run_id: str) -> FoldRun:
     client.update_run(run_id, status="RUNNING")
     parent_id = run.data.tags[PARENT_TAG]
     client.update_run(parent_id, status="RUNNING")
-    fold_run = FoldRun(uri, cfg, fold, run.info.experiment_id, parent_id, run_id)
+    fold_run = FoldRun(uri, cfg, fold, run.info.experiment_id, parent_id, run_id, run.info.artifact_uri)
     fold_run.start_system_metrics()
     return fold_run
 

@@ -169,13 +169,39 @@ def local_dir(artifact_uri: str) -> Path | None:
     return None
 
 
+def _link_in_place(source: Path, path: Path) -> bool:
+    """Make `path` a hard link to `source`, atomically (a link under a temporary name, then renamed)."""
+    import uuid
+
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def log_linked(mlflow_client: Any, run_id: str, artifact_uri: str, path: Path, artifact_path: str) -> None:
+    """Log `path` as `<artifact_path>/<name>`; in a local artifact store as a hard link to it. MLflow leaves a
+    file that is already in place, so a 45 MB network is neither copied nor compared afterwards (link_copies);
+    elsewhere it is uploaded as usual."""
+    root = local_dir(artifact_uri)
+    if root is not None:
+        target = root / artifact_path / path.name
+        with contextlib.suppress(OSError):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_in_place(path, target)
+    mlflow_client.log_artifact(run_id, str(path), artifact_path)
+
+
 def link_copies(artifact_uri: str, sources: list[Path]) -> int:
     """Replace the files under a local artifact location that are byte-copies of `sources` by hard links to them,
     and return how many: MLflow copies every logged file, which would keep a fold's 45 MB network up to four times
     (run folder, `exported/`, the fold model, the ensemble). Model files are replaced, never written in place,
     so the files stay independent in effect; across file systems (or on a remote store) the copies stay."""
     import filecmp
-    import uuid
 
     root = local_dir(artifact_uri)
     if root is None or not root.is_dir():
@@ -188,12 +214,6 @@ def link_copies(artifact_uri: str, sources: list[Path]) -> int:
         for source in by_size.get(path.stat().st_size, []):
             if path.samefile(source) or not filecmp.cmp(path, source, shallow=False):
                 continue
-            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-            try:
-                os.link(source, tmp)
-                os.replace(tmp, path)
-                linked += 1
-            except OSError:
-                Path(tmp).unlink(missing_ok=True)
+            linked += _link_in_place(source, path)
             break
     return linked

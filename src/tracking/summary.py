@@ -310,7 +310,6 @@ def _log_ensemble(
 ) -> None:
     """Log the k fold models as one MLflow model on the parent, with the temperature fitted on the OOF
     predictions; register it and maybe make it the champion."""
-    import mlflow
     import torch
 
     from src.serving import log_ensemble_model
@@ -321,10 +320,12 @@ def _log_ensemble(
     classes = list(saved["classes"])
     tta = str((cfg.logger.get("ensemble") or {}).get("tta", "none"))
     store.use(uri)
-    with mlflow.start_run(run_id=parent_id, log_system_metrics=False):
-        info = log_ensemble_model(files, tta=tta, temperature=float(temperature), name="ensemble")
-    store.link_copies(mlflow.get_logged_model(info.model_id).artifact_location, files)  # no second copies
     client = store.client(uri)
+    scores = {k: v for k, v in metrics.items() if k.startswith("oof_")}  # also shown as the model's metrics
+    info = log_ensemble_model(
+        files, run_id=parent_id, metrics=scores, tta=tta, temperature=float(temperature), name="ensemble"
+    )
+    store.link_copies(client.get_logged_model(info.model_id).artifact_location, files)  # no second copies
     client.set_tag(parent_id, "ensemble_model_uri", info.model_uri)
     settings = cfg.logger.get("registry") or {}
     if not settings.get("enabled", True):
