@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import evaluation, finetune, loss, plots, tracking, tuning
+from src import evaluation, file_memo, finetune, loss, plots, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
 from src.errors import UserError, warn_once
 from src.features import attach_cached_features
@@ -353,6 +353,7 @@ def train_fold(cfg: DictConfig) -> float:
     cfg = with_resolved_data(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, fold)
+    file_memo.use_store(cfg.feature_cache_dir)  # which images are readable, and their sha256, from earlier runs
     datamodule.setup()
     if rank_zero and cfg.data.audit_duplicates:  # duplicates across folds or shared with test inflate scores
         from src.analysis.duplicates import audit_duplicates
@@ -370,6 +371,7 @@ def train_fold(cfg: DictConfig) -> float:
     data = data_identity(cfg, datamodule)
     model_cfg, found = tuning.resolve_lr(cfg, data or data_version(datamodule), prepare_fold)
     model = prepare_model(model_cfg, datamodule)
+    file_memo.save()
     trainable, total = model.parameter_counts()
     log.info(
         "%s, %d classes, fold %d of %d: training %s of %s parameters (backbone %s)",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from src.data import FoldDataModule, MixCollate, assign_folds, build_transform, 
 from src.errors import UserError
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resolve_preprocessing
 from src.sample_data import write_digits
-from tests.conftest import write_images
+from tests.conftest import ROOT, write_images
 
 
 def test_folds_are_stratified_disjoint_covering_and_repeatable() -> None:
@@ -125,6 +127,39 @@ def test_a_file_fact_is_reused_until_the_file_changes(tmp_path: Path, monkeypatc
     path.unlink()
     with pytest.raises(FileNotFoundError):
         file_memo.remembered(path, "test", compute)
+
+
+def test_a_later_process_finds_the_facts_in_the_store(tmp_path: Path) -> None:
+    """file_memo.use_store: a single-fold run or a launcher's job finds what an earlier process learned; a file
+    found unreadable is checked again."""
+    (tmp_path / "a.png").write_bytes(b"image")
+    (tmp_path / "b.png").write_bytes(b"broken")
+    script = """
+import sys
+from pathlib import Path
+from src import file_memo
+file_memo.RACY_NS = 0
+file_memo.use_store(sys.argv[1])
+def compute(path):
+    if sys.argv[2] == "again":
+        raise SystemExit(f"computed {path.name} again")
+    return path.name == "a.png"
+print([file_memo.remembered(Path(sys.argv[1]) / n, "readable", compute) for n in ("a.png", "b.png")])
+file_memo.save()
+"""
+
+    def run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path), mode], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
+
+    assert run("first").stdout.strip() == "[True, False]"
+    assert (tmp_path / file_memo.STORE_FILE).is_file()
+    again = run("again")
+    assert again.returncode != 0 and again.stderr.strip() == "computed b.png again", again.stderr
+    (tmp_path / file_memo.STORE_FILE).write_text("{not json")  # a damaged store is ignored, then rewritten
+    assert run("first").stdout.strip() == "[True, False]"
+    assert "a.png" in (tmp_path / file_memo.STORE_FILE).read_text()
 
 
 def test_missing_data_dir_says_how_to_get_data(tmp_path: Path) -> None:
