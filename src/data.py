@@ -11,6 +11,7 @@ import csv
 import logging
 import multiprocessing
 import os
+import unicodedata
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 DATA_HINT = "run `dvc pull` to fetch the data, or `make data` to write the built-in sample digits"
 
 
@@ -111,24 +112,60 @@ def _is_readable_image(path: Path) -> bool:
     return file_memo.remembered(path, "readable_image", _check_image)
 
 
+def is_junk(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, .ipynb_checkpoints) and the resource forks macOS zips add (__MACOSX)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def class_name(folder_name: str) -> str:
+    """A class folder's name in Unicode's composed form (NFC): macOS and some zip tools write `café` decomposed,
+    which would otherwise be another class than the `café` a model was trained on elsewhere."""
+    return unicodedata.normalize("NFC", folder_name)
+
+
+def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, broken links) under `folder`, sorted, following symlinked folders as `find -L` does; a real
+    folder is entered once, so a link loop ends. A broken link, socket or pipe is no file to read."""
+    files, broken, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            stat = os.stat(dirpath)
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirnames.sort()
+        for name in filenames:
+            path = Path(dirpath, name)
+            (files if path.is_file() else broken).append(path)
+    return sorted(files), sorted(broken)
+
+
 def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFolder:
     """List `root/<class>/*` images; classes are the sorted sub-folder names.
 
-    Hidden files, non-image files and unreadable images are skipped and listed once.
+    Hidden files, non-image files, broken links and unreadable images are skipped and listed once; symlinked
+    folders are followed.
     """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{what}={root} does not exist; {DATA_HINT}, or point {what} at your own ImageFolder tree")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    class_dirs = sorted((p for p in folders if not is_junk(p.name)), key=lambda p: class_name(p.name))
     if not class_dirs:
         raise UserError(f"{what}={root} has no class folders; expected {root}/<class>/<image>; {DATA_HINT}")
+    if ignored := [p.name for p in folders if is_junk(p.name)]:
+        warn_once(log, f"{what}: hidden and __MACOSX folders in {root} are not classes: left out {', '.join(ignored)}")
     classes, paths, targets, skipped = [], [], [], []
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        files, broken = walk_files(class_dir)
+        skipped.extend(path.relative_to(root).as_posix() for path in broken)
         good = []
         for path in files:
             rel = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or (
+            if any(is_junk(part) for part in path.relative_to(class_dir).parts) or (
                 path.suffix.lower() not in IMAGE_EXTENSIONS or not _is_readable_image(path)
             ):
                 skipped.append(rel)
@@ -136,12 +173,17 @@ def scan_image_folder(root: str | Path, what: str = "data.train_dir") -> ImageFo
                 good.append(rel)
         if not good:
             raise UserError(f"class folder {class_dir} has no readable images; add images to it or remove the folder")
-        classes.append(class_dir.name)
+        classes.append(class_name(class_dir.name))
         paths.extend(good)
         targets.extend([len(classes) - 1] * len(good))
+    if len(set(classes)) < len(classes):
+        raise UserError(f"{what}={root} has class folders whose names differ only in Unicode form; merge them")
     if skipped:
         shown = ", ".join(skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
-        warn_once(log, f"skipped {len(skipped)} files in {root} that are hidden, not images, or unreadable: {shown}")
+        warn_once(
+            log,
+            f"skipped {len(skipped)} files in {root} that are hidden, not images, broken links or unreadable: {shown}",
+        )
     return ImageFolder(root, classes, paths, np.asarray(targets, dtype=np.int64), skipped)
 
 

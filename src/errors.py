@@ -36,6 +36,19 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
         raise SystemExit(2) from None
 
 
+def positive_number(name: str, value: Any, integer: bool = False) -> Any:
+    """`value` of setting `name` as a number > 0 (a whole one with `integer`), else a UserError that says so:
+    PyTorch's own errors for these come from deep inside a DataLoader or optimizer."""
+    kind = "a whole number" if integer else "a number"
+    try:
+        number = int(value) if integer and float(value) == int(value) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{name}={value} must be {kind} > 0") from None
+    if isinstance(value, bool) or (integer and not isinstance(number, int)) or not 0 < number < float("inf"):
+        raise UserError(f"{name}={value} must be {kind} > 0")
+    return number
+
+
 _warned: set[str] = set()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import UserError
+from src.errors import UserError, positive_number
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def predict(cfg: DictConfig) -> Path:
     top_k = int(cfg.top_k)
     if top_k < 1:
         raise UserError(f"top_k={top_k} must be at least 1")
+    positive_number("batch_size", cfg.batch_size, integer=True)
     images, skipped = collect_images(str(cfg.input))
     if not images:
         found = f"holds only {len(skipped)} hidden or non-image files" if skipped else "matches no files"

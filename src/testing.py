@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src import evaluation
-from src.data import resolve_num_workers, scan_image_folder
-from src.errors import UserError
+from src.data import class_name, resolve_num_workers, scan_image_folder
+from src.errors import UserError, positive_number
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "pass the model to score: ckpt=models/<file>.pth, ckpt=<run dir>/checkpoints/best.ckpt, "
             "ckpt=models:/<name>@champion or ckpt=runs:/<parent run id> (its fold ensemble)"
         )
+    positive_number("batch_size", cfg.batch_size, integer=True)
     ref = str(cfg.ckpt)
     model = load_model(ref, cfg)  # a bad ckpt is the first thing to report
     images = scan_image_folder(cfg.data.test_dir, "data.test_dir")
     predictor = build_predictor(model, cfg, len(images.paths))  # the count decides whether ONNX pays
     classes = list(predictor.classes)
-    unknown = [c for c in images.classes if c not in classes]
+    index = {class_name(name): i for i, name in enumerate(classes)}  # a model's classes from a decomposed `café`
+    unknown = [c for c in images.classes if c not in index]
     if unknown:
         raise UserError(
             f"data.test_dir has classes the model was not trained on: {', '.join(unknown)}; "
             f"the model knows {', '.join(classes)}; remove those folders or train on them"
         )
-    index = {name: i for i, name in enumerate(classes)}
     targets = [index[images.classes[t]] for t in images.targets]
     result = predict_files(
         predictor,

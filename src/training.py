@@ -19,11 +19,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src import evaluation, file_memo, finetune, loss, plots, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
-from src.errors import UserError, warn_once
+from src.errors import UserError, positive_number, warn_once
 from src.features import attach_cached_features
 from src.model import ImageClassifier, save_model_file
 from src.preprocessing import Preprocessing, resolve_preprocessing
@@ -246,6 +247,9 @@ def train(cfg: DictConfig) -> float:
     tune = cfg.get("tune")
     if tune not in (None, "lr_find"):
         raise UserError(f"tune={tune} is not supported; use tune=lr_find or leave it out")
+    positive_number("batch_size", cfg.batch_size, integer=True)
+    if not tuning.is_auto(cfg):
+        positive_number("lr", cfg.lr)
     if tune == "lr_find":
         cfg = with_resolved_data(cfg)  # resolved as the folds resolve it: lr=auto finds this run's cache entry
         datamodule = build_datamodule(cfg, 0)
@@ -404,6 +408,8 @@ def train_fold(cfg: DictConfig) -> float:
     with tracking.fold_guard(run):
         history = EpochHistory(out_dir / "history.csv")
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [history]
+        if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         schedule = finetune.plan(cfg)
         if schedule is not None:
             callbacks.append(finetune.GradualUnfreeze(schedule))

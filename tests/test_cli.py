@@ -111,6 +111,14 @@ def test_unknown_backbone_is_one_line(tmp_path: Path, image_root: Path) -> None:
     assert "unknown backbone" in line
 
 
+@pytest.mark.parametrize(
+    ("setting", "said"), [("batch_size=0", "batch_size=0 must be a whole number > 0"), ("lr=abc", "lr=abc must be")]
+)
+def test_bad_numbers_are_one_line(tmp_path: Path, image_root: Path, setting: str, said: str) -> None:
+    """PyTorch's own errors for these come from inside a DataLoader or the optimizer, as a traceback."""
+    assert said in error_line(run_cli("train.py", *tiny_overrides(image_root, tmp_path), setting, "logger=none"))
+
+
 def test_unknown_test_class_and_bad_ckpt_are_one_line(trained: Path, tmp_path: Path) -> None:
     model = trained / "models" / "cnn_resnet18_freeze_backbone_True_fold_0.pth"
     (tmp_path / "test" / "wolf").mkdir(parents=True)
@@ -124,6 +132,7 @@ def test_unknown_test_class_and_bad_ckpt_are_one_line(trained: Path, tmp_path: P
     base = ["logger=none", f"data.test_dir={tmp_path / 'test'}", f"hydra.run.dir={tmp_path / 'out'}"]
     line = error_line(run_cli("test.py", f"ckpt={model}", *base))
     assert "wolf" in line and "not trained on" in line
+    assert "batch_size=-4 must be" in error_line(run_cli("test.py", f"ckpt={model}", *base, "batch_size=-4"))
     gone = tmp_path / "gone.pth"
     assert f"ckpt={gone} does not exist" in error_line(run_cli("test.py", f"ckpt={gone}", *base))
     # the model is checked before the images: a bad ckpt is named even when data.test_dir is missing too

@@ -105,6 +105,32 @@ def test_bad_files_are_skipped_with_one_warning(tmp_path: Path, caplog: pytest.L
     assert [r.levelno for r in caplog.records if "dog/.DS_Store" in r.getMessage()] == [logging.INFO]
 
 
+def test_links_macos_junk_and_unicode_forms(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What zips and file managers leave in a folder: symlinked sub-folders are followed (a loop ends), broken
+    links are listed as skipped, __MACOSX is no class, .jfif is a JPEG, and a decomposed `café` (macOS) is
+    the same class as a composed one."""
+    import unicodedata
+
+    root = write_images(tmp_path / "train", per_class=2)
+    extra = write_images(tmp_path / "extra", per_class=2)
+    (root / "cat" / "more").symlink_to(extra / "dog", target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "missing.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "dog" / "photo.jfif", format="JPEG")
+    write_images(root / "__MACOSX", per_class=1)
+    decomposed = unicodedata.normalize("NFD", "café")
+    (root / "fox").rename(root / decomposed)
+    with caplog.at_level(logging.WARNING):
+        images = scan_image_folder(root)
+    assert images.classes == ["café", "cat", "dog"] and images.classes[0] == unicodedata.normalize("NFC", "café")
+    counts = dict(zip(images.classes, np.bincount(images.targets), strict=True))
+    assert counts == {"cat": 4, "café": 2, "dog": 3}, counts
+    assert "cat/more/000.png" in images.paths and "dog/photo.jfif" in images.paths
+    assert not any("loop/loop" in p for p in images.paths)
+    assert images.skipped == ["dog/gone.png"]
+    assert any("__MACOSX" in r.getMessage() for r in caplog.records)
+
+
 def test_a_file_fact_is_reused_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """src/file_memo.py: the jobs of a sweep read and check each image once; a changed file is read again."""
     path = tmp_path / "a.png"

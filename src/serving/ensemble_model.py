@@ -42,7 +42,7 @@ KIND = "cv_ensemble"
 TTA_MODES = ("none", "hflip")
 PROB_PREFIX = "prob_"
 # Image files that a `path` input may name: the ones training reads.
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -11,34 +11,34 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from src.data import IMAGE_EXTENSIONS, make_loader
+from src.data import IMAGE_EXTENSIONS, is_junk, make_loader, walk_files
 from src.serving.ensemble_model import Predictor, load_image
 
 
 def _hidden(path: Path, root: Path | None) -> bool:
     parts = path.relative_to(root).parts if root is not None and path.is_relative_to(root) else (path.name,)
-    return any(part.startswith(".") for part in parts)
+    return any(is_junk(part) for part in parts)
 
 
 def collect_images(spec: str) -> tuple[list[Path], list[Path]]:
     """(image files, skipped files) named by a folder (searched recursively), a file or a glob pattern.
 
-    Image files are recognised by extension in any case (.JPG); hidden files (or files in hidden folders
-    below the folder searched) and other extensions are skipped. Files that fail to decode are found later,
-    while predicting. Both lists are sorted.
+    Image files are recognised by extension in any case (.JPG); hidden files (or files in hidden or __MACOSX
+    folders below the folder searched), broken links and other extensions are skipped; symlinked folders are
+    followed. Files that fail to decode are found later, while predicting. Both lists are sorted.
     """
     root = Path(spec).expanduser()
+    images, skipped = [], []
     if root.is_dir():
-        candidates, base = [p for p in root.rglob("*") if p.is_file()], root
+        (candidates, skipped), base = walk_files(root), root  # broken links are skipped files too
     elif root.is_file():
         candidates, base = [root], None
     else:
         candidates, base = [Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file()], None
-    images, skipped = [], []
     for path in sorted(candidates):
         ok = path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path, base)
         (images if ok else skipped).append(path)
-    return images, skipped
+    return images, sorted(skipped)
 
 
 class ImageFiles(Dataset):

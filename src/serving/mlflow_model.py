@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import tempfile
 import time
@@ -22,7 +23,12 @@ REQUIREMENTS = ("torch", "torchvision", "pillow", "pandas", "numpy")
 def pip_requirements() -> list[str]:
     """The model file's imports, pinned to the installed versions (local build tags such as +cu130 dropped);
     MLflow adds its own pin."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+    return list(_pinned())
+
+
+@functools.cache
+def _pinned() -> tuple[str, ...]:  # read once per process: every fold logs a model
+    return tuple(f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS)
 
 
 def example_frame(size: int = 8) -> Any:
