@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import (
     DataLoader,
@@ -82,9 +82,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Decode one image file as RGB."""
+    """Decode one image file as RGB, upright: turned as its EXIF orientation says, as a photo viewer shows it (a
+    phone stores most photos sideways plus that tag)."""
     with Image.open(path) as image:
         image.load()  # decode before the file closes; to_rgb may return this very image
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 

@@ -37,7 +37,7 @@ import PIL
 import torch
 import torchvision
 from filelock import FileLock
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -48,7 +48,7 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 # Part of every key: bump it when to_rgb, the resize or the file layout change what a stored byte means.
-DECODE_FORMAT = 2  # 2: pixels stored (H, W, C); 1 stored (C, H, W)
+DECODE_FORMAT = 3  # 3: photos turned upright (EXIF orientation); 2: pixels stored (H, W, C); 1: (C, H, W)
 CHOICES = ("none", "ram", "disk")
 RAM_FRACTION = 0.5  # of the memory available at start: the rest is for the model, the workers and the OS
 
@@ -170,7 +170,10 @@ def _layout(files: Sequence[Path], resize_size: int) -> tuple[np.ndarray, np.nda
     shapes = np.empty((len(files), 3), dtype=np.int64)
     for i, file in enumerate(files):
         with Image.open(file) as image:
-            shapes[i] = (3, *resized_shape(image.width, image.height, resize_size))
+            width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # load_image turns it a quarter
+                width, height = height, width
+            shapes[i] = (3, *resized_shape(width, height, resize_size))
     sizes = np.prod(shapes, axis=1)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     return offsets, shapes

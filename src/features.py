@@ -44,7 +44,7 @@ from src.model import ImageClassifier, digest_module
 log = logging.getLogger(__name__)
 
 # Part of every key: bump it when load_image/to_rgb or the stored layout change what an entry means.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: photos turned upright as their EXIF orientation says
 CHOICES = ("auto", "true", "false")
 
 

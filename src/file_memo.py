@@ -29,6 +29,7 @@ T = TypeVar("T")
 RACY_NS = 2_000_000_000
 STORE_FILE = "file_facts.json"
 FORMAT = 1
+STORED = ("sha256", "readable_image")  # the kinds of fact save() writes (JSON values)
 
 _facts: dict[str, tuple[tuple[int, ...], Any]] = {}  # "<kind>\0<absolute path>" -> (stamp, value)
 _new: set[str] = set()  # facts the store does not have yet
@@ -50,7 +51,7 @@ def remembered(path: str | Path, kind: str, compute: Callable[[Path], T]) -> T:
     value = compute(path)
     if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS:
         _facts[key] = (stamp, value)
-        if value is not False:
+        if kind in STORED and value is not False:
             _new.add(key)
     return value
 

@@ -76,6 +76,23 @@ def test_every_image_mode_becomes_rgb(mode: str, make) -> None:
         assert np.abs(np.asarray(rgb, dtype=int) - 200).max() <= 3, mode  # 16-bit is scaled, not clipped to 255
 
 
+def test_a_photo_stored_sideways_is_decoded_upright(tmp_path: Path) -> None:
+    """EXIF orientation 6 (a phone held upright): training, prediction and serving all see what a viewer shows."""
+    from src.data import load_image
+    from src.serving import load_image as served_load_image
+
+    stored = np.zeros((30, 70, 3), dtype=np.uint8)
+    stored[:, :35] = (250, 0, 0)  # left half red as stored: the top half once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    for load in (load_image, served_load_image):
+        image = load(tmp_path / "phone.jpg")
+        assert image.size == (30, 70)
+        pixels = np.asarray(image)
+        assert pixels[:30, :, 0].mean() > 200 and pixels[40:, :, 0].mean() < 50
+
+
 def test_transparent_pixels_become_white() -> None:
     rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert np.asarray(to_rgb(rgba)).min() == 255
@@ -170,7 +187,7 @@ def compute(path):
     if sys.argv[2] == "again":
         raise SystemExit(f"computed {path.name} again")
     return path.name == "a.png"
-print([file_memo.remembered(Path(sys.argv[1]) / n, "readable", compute) for n in ("a.png", "b.png")])
+print([file_memo.remembered(Path(sys.argv[1]) / n, "readable_image", compute) for n in ("a.png", "b.png")])
 file_memo.save()
 """
 

@@ -23,13 +23,17 @@ from tests.conftest import CLASSES, write_images
 
 @pytest.fixture(scope="module")
 def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny classes plus images of other sizes, aspect ratios and modes (grey, RGBA, 16-bit grey)."""
+    """The tiny classes plus images of other sizes, aspect ratios and modes (grey, RGBA, 16-bit grey), and a JPEG
+    whose EXIF orientation turns it upright."""
     root = write_images(tmp_path_factory.mktemp("mixed"), per_class=5)
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 255, (40, 57), dtype=np.uint8)).save(root / "cat" / "grey.png")
     Image.fromarray(rng.integers(0, 255, (71, 33, 4), dtype=np.uint8)).save(root / "dog" / "rgba.png")
     Image.fromarray(rng.integers(0, 65535, (31, 45), dtype=np.uint16)).save(root / "fox" / "grey16.png")
     Image.fromarray(rng.integers(0, 255, (90, 64, 3), dtype=np.uint8)).save(root / "fox" / "tall.jpg", quality=90)
+    sideways = Image.Exif()
+    sideways[0x0112] = 6  # a phone photo: stored 70x30, shown 30x70
+    Image.fromarray(rng.integers(0, 255, (30, 70, 3), dtype=np.uint8)).save(root / "cat" / "phone.jpg", exif=sideways)
     return root
 
 

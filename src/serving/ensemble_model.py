@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
@@ -63,9 +63,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
-    """Decode an image file (a path, or the file's bytes) as RGB; raises on anything Pillow cannot read whole."""
+    """Decode an image file (a path, or the file's bytes) as RGB, turned upright as its EXIF orientation says;
+    raises on anything Pillow cannot read whole."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         image.load()  # decode before the file closes; to_rgb may return this very image
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
