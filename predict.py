@@ -7,6 +7,8 @@
 Heavy libraries are imported inside main() so that --help and --cfg answer at once.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -24,4 +26,7 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    from src.errors import check_overrides
+
+    check_overrides(sys.argv)
     main()

@@ -6,6 +6,7 @@ Heavy libraries are imported inside main() so that --help and --cfg answer at on
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -31,7 +32,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from src.errors import check_overrides
     from src.tracking.summary import completing_at_end
+
+    check_overrides(sys.argv)
 
     with completing_at_end():  # a sweep that re-runs folds: each parent's OOF report and ensemble once, at its end
         main()

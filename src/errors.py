@@ -49,6 +49,27 @@ def positive_number(name: str, value: Any, integer: bool = False) -> Any:
     return number
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Stop with one line, saying how to quote it, at a command-line override Hydra's grammar cannot read: a value
+    with letters outside ASCII (`café`), or with `=` (a sweep job's folder, `.../fold=0,lr=0.001/...`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in argv[1:]:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_override(arg)
+        except Exception:  # Hydra's parse errors, whatever their type
+            key, _, value = arg.partition("=")
+            print(
+                f"error: Hydra cannot read {arg}: quote the value, e.g. '{key}=\"{value}\"' (the outer single quotes "
+                f"are for the shell)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+
+
 _warned: set[str] = set()
 
 

@@ -111,6 +111,14 @@ def test_unknown_backbone_is_one_line(tmp_path: Path, image_root: Path) -> None:
     assert "unknown backbone" in line
 
 
+def test_an_override_hydra_cannot_read_says_how_to_quote_it(tmp_path: Path) -> None:
+    """Hydra's grammar refuses unquoted letters outside ASCII, and `=` inside a value (a sweep job's folder)."""
+    line = error_line(run_cli("predict.py", "ckpt=m.pth", f"input={tmp_path}/café"))
+    assert f"""'input="{tmp_path}/café"'""" in line
+    line = error_line(run_cli("test.py", "ckpt=multirun/day/time/fold=0,lr=0.001/model/m.pth"))
+    assert """'ckpt="multirun/day/time/fold=0,lr=0.001/model/m.pth"'""" in line
+
+
 @pytest.mark.parametrize(
     ("setting", "said"), [("batch_size=0", "batch_size=0 must be a whole number > 0"), ("lr=abc", "lr=abc must be")]
 )
