@@ -29,6 +29,51 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Fonts with the CJK scripts that DejaVu Sans lacks, where installed (e.g. the fonts-noto-cjk package).
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "Microsoft YaHei",
+    "Malgun Gothic",
+    "Arial Unicode MS",
+)
+_covered: set[int] | None = None  # code points the chosen fonts can draw
+_reported: set[str] = set()
+
+
+def use_fonts(texts: Sequence[str] = ()) -> None:
+    """Class names in any script: matplotlib falls back glyph by glyph to an installed font from FALLBACK_FONTS.
+    Characters that no installed font has are drawn as boxes; that is said once per process, naming them,
+    instead of matplotlib's warning per glyph and figure."""
+    global _covered
+    if _covered is None:
+        import warnings
+
+        import matplotlib
+        from matplotlib import font_manager
+        from matplotlib.ft2font import FT2Font
+
+        installed = {font.name for font in font_manager.fontManager.ttflist}
+        families = ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+        matplotlib.rcParams["font.family"] = families
+        _covered = set()
+        for family in families:
+            with contextlib.suppress(Exception):  # a font file matplotlib cannot open covers nothing
+                _covered.update(FT2Font(font_manager.findfont(family, fallback_to_default=False)).get_charmap())
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+    missing = sorted({c for text in texts for c in text if not c.isspace() and ord(c) not in _covered} - _reported)
+    if missing:
+        _reported.update(missing)
+        log.warning(
+            "no installed font draws %s (shown as boxes in the figures); install one, e.g. the fonts-noto-cjk package",
+            " ".join(missing),
+        )
+
+
 def _cell_inches(n: int) -> float:
     """The side of one matrix cell: room for counts up to 50 classes, then just for a tick label."""
     return 0.5 if n <= 20 else 0.3 if n <= 50 else 0.2
@@ -45,6 +90,7 @@ def confusion_matrix_figure(counts: np.ndarray, classes: Sequence[str], title: s
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    use_fonts(classes)
     n = len(classes)
     cell = _cell_inches(n)
     font = min(10.0, cell * 72 * 0.6)

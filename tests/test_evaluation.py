@@ -193,3 +193,25 @@ def test_predict_leaves_the_network_as_it_found_it_and_trainable() -> None:
     net.train()
     net(images).sum().backward()  # an inference tensor among the parameters would fail here
     assert net.conv1.weight.grad is not None
+
+
+def test_class_names_no_installed_font_draws_are_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instead of matplotlib's warning per glyph and figure: one line naming the characters drawn as boxes."""
+    import logging
+    import warnings
+
+    from src import plots
+
+    monkeypatch.setattr(plots, "_covered", None)
+    monkeypatch.setattr(plots, "_reported", set())
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for i in range(2):
+            # 狗 where no CJK font is installed; a private-use character that no font has, everywhere
+            plots.save_confusion_matrix(np.eye(2, dtype=int), ["狗\U000f0000", "café"], tmp_path / f"{i}.png", "test")
+    said = [r.getMessage() for r in caplog.records if "no installed font" in r.getMessage()]
+    assert len(said) == 1 and "\U000f0000" in said[0] and "é" not in said[0], said
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert (tmp_path / "1.png").stat().st_size > 0

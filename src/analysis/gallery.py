@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src import plots
 from src.errors import UserError
 
 CELL_INCHES = 2.4  # width of one thumbnail with its margins; its height adds the caption's lines
@@ -78,6 +79,7 @@ def image_grid(
     cell = side + caption + 2 * PAD_INCHES
     heading = 0.5 if title else 0.0
     fig_width, fig_height = columns * CELL_INCHES, rows * cell + heading
+    plots.use_fonts(captions)
     fig = Figure(figsize=(fig_width, fig_height), dpi=DPI)
     FigureCanvasAgg(fig)
     side_px = int(side * DPI)
