@@ -266,6 +266,8 @@ def test_served_ensemble_answers_as_predict_py_does(store: dict[str, str], work:
                 assert answer[f"prob_{name}"] == pytest.approx(p, abs=1e-5)
         bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "not base64!"}]}, timeout=60)
         assert bad.status_code == 400 and "base64" in bad.json()["message"]
+        empty = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": ""}]}, timeout=60)
+        assert empty.status_code == 400 and "`image` is empty" in empty.json()["message"]
 
 
 def test_fold_models_logged_by_train_py_still_load(store: dict[str, str], folds: list[Path], test_images: list[Path]):

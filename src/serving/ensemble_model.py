@@ -348,6 +348,8 @@ def _decode_row(row: pd.Series, index: Any) -> Image.Image:
             return load_image(file)
         except Exception as err:
             raise ValueError(f"row {index}: {path} is not a readable image ({type(err).__name__})") from None
+    if isinstance(image, str | bytes):
+        raise ValueError(f"row {index}: `image` is empty (a file of 0 bytes?); send the base64 of an image file")
     raise ValueError(f"row {index}: give `image` (base64 of the file's bytes) or `path`")
 
 
