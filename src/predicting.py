@@ -114,6 +114,12 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
 
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
+    database = tracking.store.sqlite_file(uri)
+    if database is not None and not database.is_file():  # reading would create an empty store there
+        raise UserError(
+            f"ckpt={ref}: there is no MLflow store at {uri} ({database} does not exist); run from the folder you "
+            f"trained in, or point logger.tracking_uri at the store that holds the model"
+        )
     if ref.startswith("runs:/") and "/" not in ref.removeprefix("runs:/").strip("/"):
         ref = f"runs:/{ref.removeprefix('runs:/').strip('/')}/{ENSEMBLE_ARTIFACT}"
     if ref.endswith((".pth", ".ckpt")):  # a fold run's exported file

@@ -111,6 +111,14 @@ def test_unknown_backbone_is_one_line(tmp_path: Path, image_root: Path) -> None:
     assert "unknown backbone" in line
 
 
+def test_a_model_in_a_store_that_does_not_exist_is_one_line_and_creates_none(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    line = error_line(
+        run_cli("test.py", "ckpt=models:/resnet18_classifier@champion", f"logger.tracking_uri=sqlite:///{store}")
+    )
+    assert "no MLflow store" in line and not store.exists()
+
+
 def test_an_override_hydra_cannot_read_says_how_to_quote_it(tmp_path: Path) -> None:
     """Hydra's grammar refuses unquoted letters outside ASCII, and `=` inside a value (a sweep job's folder)."""
     line = error_line(run_cli("predict.py", "ckpt=m.pth", f"input={tmp_path}/café"))
