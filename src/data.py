@@ -100,6 +100,9 @@ def _check_image(path: Path) -> bool:
             if image.format != "PNG":
                 image.load()
         return True
+    except Image.DecompressionBombError as err:  # a valid image, larger than Pillow decodes
+        warn_once(log, f"skipped {path}: {err}; shrink it (e.g. to 8000 px on its longer side)")
+        return False
     except Exception:  # Pillow raises many types for broken files; any of them means skip.
         return False
 
