@@ -242,8 +242,30 @@ def validation_rows(
     ]
 
 
+def _warn_about_additions(cfg: DictConfig) -> None:
+    """`+epoch=3` (Hydra's advice for a key the config lacks) adds a top-level setting nothing reads: say so once,
+    with the setting that was probably meant, instead of training with the default."""
+    import difflib
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key = override.partition("=")[0]
+        if key.startswith("+") and not key.startswith("++") and "." not in key and "/" not in key:
+            name = key.removeprefix("+")
+            if name not in cfg:  # a config group merged elsewhere, such as +experiment=sample
+                continue
+            known = [k for k in cfg if k != name]
+            guess = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {guess[0]}={cfg[name]}?" if guess else ""
+            warn_once(log, f"{override} adds a setting that train.py does not read{hint}")
+
+
 def train(cfg: DictConfig) -> float:
     """Train `cfg.fold` and return its best_val_accuracy; `fold=all` trains every fold and returns the CV mean."""
+    _warn_about_additions(cfg)
     tune = cfg.get("tune")
     if tune not in (None, "lr_find"):
         raise UserError(f"tune={tune} is not supported; use tune=lr_find or leave it out")

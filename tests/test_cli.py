@@ -119,6 +119,13 @@ def test_a_model_in_a_store_that_does_not_exist_is_one_line_and_creates_none(tmp
     assert "no MLflow store" in line and not store.exists()
 
 
+def test_a_setting_added_by_mistake_is_named_with_the_one_meant(tmp_path: Path) -> None:
+    """`+epoch=1`, as Hydra advises for the typo `epoch=1`, would otherwise train the default epochs silently."""
+    result = run_cli("train.py", "+epoch=1", f"data.train_dir={tmp_path / 'none'}", "logger=none")
+    said = "+epoch=1 adds a setting that train.py does not read; did you mean epochs=1?"
+    assert said in result.stdout + result.stderr
+
+
 def test_an_override_hydra_cannot_read_says_how_to_quote_it(tmp_path: Path) -> None:
     """Hydra's grammar refuses unquoted letters outside ASCII, and `=` inside a value (a sweep job's folder)."""
     line = error_line(run_cli("predict.py", "ckpt=m.pth", f"input={tmp_path}/café"))
