@@ -97,7 +97,9 @@ def test_images_are_decoded_once_per_epoch_and_once_in_all_with_the_cache(
     assert decodes == []  # the next run (or fold, or sweep job) reads every feature from disk
 
 
-def test_a_change_to_image_size_weights_or_bytes_recomputes(image_root: Path, tmp_path: Path) -> None:
+def test_a_change_to_image_size_weights_or_bytes_recomputes(
+    image_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = Path(shutil.copytree(image_root / "train", tmp_path / "train"))
     paths = scan_image_folder(root).paths
     torch.manual_seed(0)
@@ -136,6 +138,8 @@ def test_a_change_to_image_size_weights_or_bytes_recomputes(image_root: Path, tm
     folder = features.entry_folder(cache, features.cache_key("resnet18", backbone, build_transform(32)))
     entry = sorted(folder.glob("*.npy"))[0]
     entry.write_bytes(entry.read_bytes()[:40])  # a truncated entry is computed again, never read
+    assert run()[1] == 0  # this process read it before it broke: what it holds is still that content's feature
+    monkeypatch.setattr(features, "_held", {})  # as in a later process
     assert run()[1] == 1
     assert not list(cache.rglob("*.tmp"))
 

@@ -124,7 +124,7 @@ def _latest_per_fold(children: list[Any]) -> dict[int, Any]:
 
 def update_parent(uri: str, parent_id: str, cfg: DictConfig) -> dict[str, float]:
     """Recompute the CV summary; when the configuration is complete, add OOF metrics and the ensemble."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     client = store.client(uri)
     with store.store_lock(uri):
@@ -147,17 +147,19 @@ def update_parent(uri: str, parent_id: str, cfg: DictConfig) -> dict[str, float]
             **{f"fold_{k}_best_val_accuracy": v for k, v in scores.items()},
         }
         now = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric(k, v, now, len(values)) for k, v in summary.items()])
+        tags = {"folds_missing": ",".join(map(str, missing))}
         if missing:
-            client.set_tag(parent_id, "folds_missing", ",".join(map(str, missing)))
-            client.set_tag(
-                parent_id,
-                NOTE_TAG,
+            tags[NOTE_TAG] = (
                 f"{len(per_fold)} of {n_folds} folds finished; missing fold(s) {', '.join(map(str, missing))}. "
-                f"Out-of-fold metrics and the fold ensemble come when every fold has finished.",
+                f"Out-of-fold metrics and the fold ensemble come when every fold has finished."
             )
+        client.log_batch(  # one request
+            parent_id,
+            metrics=[Metric(k, v, now, len(values)) for k, v in summary.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        if missing:
             return summary
-        client.set_tag(parent_id, "folds_missing", "")
         fold_runs = [per_fold[k] for k in range(n_folds)]
         key = ",".join(r.info.run_id for r in fold_runs)
         if parent.data.tags.get("oof_fold_runs") == key:
