@@ -36,16 +36,17 @@ def run_job(fn: Callable[[Any], Any], cfg: Any) -> Any:
         raise SystemExit(2) from None
 
 
-def positive_number(name: str, value: Any, integer: bool = False) -> Any:
-    """`value` of setting `name` as a number > 0 (a whole one with `integer`), else a UserError that says so:
-    PyTorch's own errors for these come from deep inside a DataLoader or optimizer."""
-    kind = "a whole number" if integer else "a number"
+def positive_number(name: str, value: Any, integer: bool = False, other: str = "") -> Any:
+    """`value` of setting `name` as a number > 0 (a whole one with `integer`), else a UserError that says so
+    (`other`: what else the setting takes): PyTorch's own errors for these come from deep inside a DataLoader or
+    optimizer."""
+    said = f"{name}={value} must be {'a whole number' if integer else 'a number'} > 0{other}"
     try:
         number = int(value) if integer and float(value) == int(value) else float(value)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{name}={value} must be {kind} > 0") from None
+        raise UserError(said) from None
     if isinstance(value, bool) or (integer and not isinstance(number, int)) or not 0 < number < float("inf"):
-        raise UserError(f"{name}={value} must be {kind} > 0")
+        raise UserError(said)
     return number
 
 

@@ -184,9 +184,15 @@ def _executor() -> ProcessPoolExecutor | None:
     method = multiprocessing.get_start_method(allow_none=True)
     usable = method in (None, "fork", "spawn", "forkserver") and not multiprocessing.current_process().daemon
     if _helper is None and usable:
-        _helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _helper = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_logging)
         atexit.register(wait)
     return _helper
+
+
+def _helper_logging() -> None:
+    """The helper's warnings (a class name no font draws) in the console format of Hydra's jobs; they reach the
+    console, not the job's log file, which belongs to the training process."""
+    logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.WARNING)
 
 
 def _load_matplotlib() -> None:

@@ -271,7 +271,7 @@ def train(cfg: DictConfig) -> float:
         raise UserError(f"tune={tune} is not supported; use tune=lr_find or leave it out")
     positive_number("batch_size", cfg.batch_size, integer=True)
     if not tuning.is_auto(cfg):
-        positive_number("lr", cfg.lr)
+        positive_number("lr", cfg.lr, other=", or auto (the lr finder's suggestion)")
     if tune == "lr_find":
         cfg = with_resolved_data(cfg)  # resolved as the folds resolve it: lr=auto finds this run's cache entry
         datamodule = build_datamodule(cfg, 0)
