@@ -199,6 +199,12 @@ def test_registry_versions_and_champion_alias(sweep_store: tuple[str, Path]) -> 
         assert float(v.tags["oof_accuracy"]) == pytest.approx(parent.data.metrics["oof_accuracy"])
         assert json.loads(v.tags["classes"]) == ["cat", "dog", "fox"]
         assert v.tags["data_version"] == parent.data.tags["data_version"]
+    # One copy of each network on disk: an ensemble's members are hard links to its folds' exported files.
+    exported = {f.stat().st_ino for f in (sweep_store[1] / "mlruns").rglob("exported/*.pth")}
+    for v in ensembles:
+        model = client.get_logged_model(v.source.removeprefix("models:/"))
+        members = sorted(local_dir(model.artifact_location).rglob("model_*.pth"))
+        assert len(members) == 2 and all(m.stat().st_ino in exported for m in members), members
     # The champion is a fold ensemble, the better one on out-of-fold accuracy (ties: lower fold spread).
     champion = client.get_model_version_by_alias("resnet18_classifier", "champion")
     assert champion.tags["kind"] == "cv_ensemble"

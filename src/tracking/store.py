@@ -184,9 +184,8 @@ def _link_in_place(source: Path, path: Path) -> bool:
 
 
 def log_linked(mlflow_client: Any, run_id: str, artifact_uri: str, path: Path, artifact_path: str) -> None:
-    """Log `path` as `<artifact_path>/<name>`; in a local artifact store as a hard link to it. MLflow leaves a
-    file that is already in place, so a 45 MB network is neither copied nor compared afterwards (link_copies);
-    elsewhere it is uploaded as usual."""
+    """Log `path` as `<artifact_path>/<name>`; in a local artifact store as a hard link to it (MLflow leaves a
+    file that is already in place, so a 45 MB network is not copied); elsewhere it is uploaded as usual."""
     root = local_dir(artifact_uri)
     if root is not None:
         target = root / artifact_path / path.name
@@ -196,24 +195,26 @@ def log_linked(mlflow_client: Any, run_id: str, artifact_uri: str, path: Path, a
     mlflow_client.log_artifact(run_id, str(path), artifact_path)
 
 
-def link_copies(artifact_uri: str, sources: list[Path]) -> int:
-    """Replace the files under a local artifact location that are byte-copies of `sources` by hard links to them,
-    and return how many: MLflow copies every logged file, which would keep a fold's 45 MB network up to four times
-    (run folder, `exported/`, the fold model, the ensemble). Model files are replaced, never written in place,
-    so the files stay independent in effect; across file systems (or on a remote store) the copies stay."""
-    import filecmp
+def link_members(artifact_uri: str, sources: list[Path]) -> int:
+    """Make the network files inside a logged fold ensemble hard links to `sources`, and return how many: MLflow
+    copies each one, which would keep a fold's 45 MB network up to four times (run folder, `exported/`, the fold
+    model, the ensemble). Member i of the model's ensemble.json is the copy of sources[i], so nothing is compared;
+    its name and size are checked. Model files are replaced, never written in place, so the files stay independent
+    in effect; across file systems (or on a remote store) the copies stay."""
+    import json
+
+    from src.serving.ensemble_model import CONFIG_FILE
+    from src.serving.mlflow_model import ensemble_dir
 
     root = local_dir(artifact_uri)
-    if root is None or not root.is_dir():
+    folder = ensemble_dir(root) if root is not None and root.is_dir() else None
+    if folder is None:
         return 0
-    by_size: dict[int, list[Path]] = {}
-    for source in sources:
-        by_size.setdefault(source.stat().st_size, []).append(source)
+    members = json.loads((folder / CONFIG_FILE).read_text())["models"]
     linked = 0
-    for path in [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]:
-        for source in by_size.get(path.stat().st_size, []):
-            if path.samefile(source) or not filecmp.cmp(path, source, shallow=False):
-                continue
-            linked += _link_in_place(source, path)
-            break
+    for member, source in zip(members, sources, strict=False):
+        target = folder / member["file"]
+        same = member.get("source") == source.name and target.is_file()
+        if same and target.stat().st_size == source.stat().st_size and not target.samefile(source):
+            linked += _link_in_place(source, target)
     return linked

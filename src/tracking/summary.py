@@ -327,7 +327,7 @@ def _log_ensemble(
     info = log_ensemble_model(
         files, run_id=parent_id, metrics=scores, tta=tta, temperature=float(temperature), name="ensemble"
     )
-    store.link_copies(client.get_logged_model(info.model_id).artifact_location, files)  # no second copies
+    store.link_members(client.get_logged_model(info.model_id).artifact_location, files)  # no second copies
     client.set_tag(parent_id, "ensemble_model_uri", info.model_uri)
     settings = cfg.logger.get("registry") or {}
     if not settings.get("enabled", True):
