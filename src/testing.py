@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src import evaluation
+from src import evaluation, file_memo
 from src.data import class_name, resolve_num_workers, scan_image_folder
 from src.errors import UserError, positive_number
 
@@ -57,6 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     positive_number("batch_size", cfg.batch_size, integer=True)
     ref = str(cfg.ckpt)
     model = load_model(ref, cfg)  # a bad ckpt is the first thing to report
+    file_memo.use_store(cfg.get("feature_cache_dir"))  # read only: training's scans checked these images already
     images = scan_image_folder(cfg.data.test_dir, "data.test_dir")
     predictor = build_predictor(model, cfg, len(images.paths))  # the count decides whether ONNX pays
     classes = list(predictor.classes)
