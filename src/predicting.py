@@ -129,8 +129,8 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
     mlflow.set_registry_uri(uri)
     try:
         if ref.endswith(".onnx"):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=uri)
-            return _from_onnx(Path(local), {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]})
+            with tracking.store.downloaded(ref, uri) as local:  # the session holds the network once created
+                return _from_onnx(local, {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]})
         metadata = mlflow.models.get_model_info(ref).metadata or {}
         if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
             net, meta, origin = tracking.load_logged_model(ref, uri)
@@ -139,16 +139,16 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
             origin = _registry_origin(ref, uri)
         else:
             origin = {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]}
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=uri)
+        with tracking.store.downloaded(ref, uri) as local:  # the networks are in memory once loaded
+            directory = ensemble_dir(local)
+            if directory is None:
+                raise UserError(f"ckpt={ref} is marked as an ensemble but holds no ensemble.json; log it again")
+            return _from_ensemble_dir(directory, {**origin, "model_uri": ref})
     except MlflowException as err:
         hint = f"; a parent run holds its fold ensemble under `{ENSEMBLE_ARTIFACT}`" if ref.startswith("runs:/") else ""
         raise UserError(
             f"ckpt={ref} was not found in the MLflow store {uri}: {err.message.splitlines()[0]}{hint}"
         ) from err
-    directory = ensemble_dir(local)
-    if directory is None:
-        raise UserError(f"ckpt={ref} is marked as an ensemble but holds no ensemble.json; log it again")
-    return _from_ensemble_dir(directory, {**origin, "model_uri": ref})
 
 
 def load_model(ref: str, cfg: DictConfig) -> LoadedModel:

@@ -445,14 +445,18 @@ def test_tracking_server_with_proxied_artifacts_parallel_jobs_and_redacted_crede
             assert child.info.artifact_uri.startswith("mlflow-artifacts:/")
             assert "reports/history.csv" in all_artifacts(client, child.info.run_id)
         assert list((tmp_path / "mlartifacts").rglob("history.csv"))  # stored by the server, not the client
+        scratch = tmp_path / "tmpdir"  # the process's temporary folder: a downloaded model must not stay there
+        scratch.mkdir()
         tested = run_cli(
             "test.py",
             "ckpt=models:/resnet18_classifier@champion",
             f"logger.tracking_uri={secret_uri}",
             f"data.test_dir={image_root / 'test'}",
             f"hydra.run.dir={tmp_path / 'test'}",
+            env={"TMPDIR": str(scratch)},
         )
         assert tested.returncode == 0, tested.stderr[-3000:]
+        assert not list(scratch.rglob("*.pth")), list(scratch.rglob("*"))[:5]
         assert len(runs_by_type(client, "test")) == 1
         assert "alice:***@" in client.get_run(children[0].info.run_id).data.params["logger.tracking_uri"]
         for run in [parent, *children, *runs_by_type(client, "test")]:

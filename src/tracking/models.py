@@ -23,8 +23,8 @@ def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str
             run_id = ref.removeprefix("runs:/").split("/", 1)[0]
             origin = {"training_run_id": run_id}
             if ref.endswith((".pth", ".ckpt")):
-                local = mlflow.artifacts.download_artifacts(ref, tracking_uri=uri)
-                net, meta = load_model_file(local)
+                with store.downloaded(ref, uri) as local:
+                    net, meta = load_model_file(local)
                 return net, meta, origin
         else:
             name, _, rest = ref.removeprefix("models:/").partition("/")

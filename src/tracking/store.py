@@ -195,6 +195,30 @@ def log_linked(mlflow_client: Any, run_id: str, artifact_uri: str, path: Path, a
     mlflow_client.log_artifact(run_id, str(path), artifact_path)
 
 
+@contextlib.contextmanager
+def downloaded(ref: str, uri: str) -> Iterator[Path]:
+    """The files behind a `models:/` or `runs:/` reference as a local path: used in place from a local artifact
+    store; from a remote one (an `mlflow server`, S3) downloaded into a temporary folder that goes when the block
+    ends. MLflow's own download into a new temporary folder is never deleted: a 5-fold ResNet18 ensemble left
+    225 MB in /tmp per test.py or predict.py run."""
+    import tempfile
+
+    import mlflow
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if ref.startswith("models:/"):
+        underlying = ModelsArtifactRepository.get_underlying_uri(ref)
+    else:
+        underlying = RunsArtifactRepository.get_underlying_uri(ref, tracking_uri=uri)
+    local = local_dir(underlying)
+    if local is not None and local.exists():
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp, tracking_uri=uri))
+
+
 def link_members(artifact_uri: str, sources: list[Path]) -> int:
     """Make the network files inside a logged fold ensemble hard links to `sources`, and return how many: MLflow
     copies each one, which would keep a fold's 45 MB network up to four times (run folder, `exported/`, the fold
