@@ -33,9 +33,11 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     from src.errors import check_overrides
+    from src.runtime import compose_each_job_once
     from src.tracking.summary import completing_at_end
 
     check_overrides(sys.argv)
 
-    with completing_at_end():  # a sweep that re-runs folds: each parent's OOF report and ensemble once, at its end
+    # A sweep that re-runs folds: each parent's OOF report and ensemble once, at its end.
+    with compose_each_job_once(), completing_at_end():
         main()

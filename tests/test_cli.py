@@ -193,6 +193,44 @@ print(gc.isenabled(), first > 0, gc.get_freeze_count() == first)
     assert result.stdout.split() == ["True", "True", "True"], result.stderr
 
 
+def test_a_sweep_composes_each_job_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """src.runtime.compose_each_job_once: the launcher's compose of a job is a copy of the sweeper's early check of
+    it; each copy is the job's own, and Hydra's composing is back as it was after the block."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from src.runtime import compose_each_job_once
+
+    composed: list[list[str]] = []
+    real = ConfigLoaderImpl.load_configuration
+
+    def counted(self: ConfigLoaderImpl, config_name: str, overrides: list[str], **kwargs: object) -> object:
+        composed.append(list(overrides))
+        return real(self, config_name, overrides, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    original = ConfigLoaderImpl.load_sweep_config
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        master = compose("config", return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        composed.clear()
+        with compose_each_job_once():
+            checked = loader.load_sweep_config(master, ["fold=1", "lr=0.01"])
+            launched = loader.load_sweep_config(master, ["fold=1", "lr=0.01"])
+            other = loader.load_sweep_config(master, ["fold=2"])
+        again = loader.load_sweep_config(master, ["fold=2"])
+    # fold=1 composed once, fold=2 once inside the block and again after it
+    assert [c[-1] for c in composed] == ["lr=0.01", "fold=2", "fold=2"]
+    assert launched is not checked and OmegaConf.to_yaml(launched) == OmegaConf.to_yaml(checked)
+    assert (launched.fold, launched.lr, other.fold, again.fold) == (1, 0.01, 2, 2)
+    launched.hydra.job.num = 7  # what a launcher does to its job's config
+    assert OmegaConf.is_missing(checked.hydra.job, "num")
+    assert ConfigLoaderImpl.load_sweep_config is original
+
+
 @pytest.mark.parametrize(("local_rank", "started"), [(None, "True"), ("1", "False")])
 def test_the_plot_helper_starts_before_the_imports_but_not_in_extra_ddp_processes(
     local_rank: str | None, started: str

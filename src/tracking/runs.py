@@ -173,8 +173,9 @@ class FoldRun:
             self.client.log_artifacts(self.run_id, str(folder), "config")
 
     def finish(self, result: dict[str, Any]) -> None:
-        """Log metrics, config, reports, the exported file and the MLflow model; close the run FINISHED;
-        then register it and update the parent (CV summary, out-of-fold report, ensemble, champion)."""
+        """Log metrics, config, reports, the exported file and the MLflow model; register the model (while the
+        figures are drawn); log the figures and close the run FINISHED; then update the parent (CV summary,
+        out-of-fold report, ensemble, champion)."""
         from src.serving import log_ensemble_model
 
         client = self.client
@@ -193,18 +194,18 @@ class FoldRun:
         info = log_ensemble_model([model_file], run_id=self.run_id, metrics=metrics, name="model", input_example=False)
         store.link_members(client.get_logged_model(info.model_id).artifact_location, [model_file])  # one copy on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
-        plots.wait(result.get("figures", []))  # drawn by src/plots.py's helper meanwhile
-        for path in files:
-            if path.suffix == ".png":
-                client.log_artifact(self.run_id, str(path), "reports")
-        self.stop_system_metrics()
-        client.set_terminated(self.run_id, "FINISHED")
         version = None
         settings = self.cfg.logger.get("registry") or {}
         if settings.get("enabled", True):
             name = registry.model_name(self.cfg)
             version = registry.register_fold(self.uri, info.model_uri, name, self.fold, best, self.run_id)
             client.set_tag(self.run_id, "registered_model", f"models:/{name}/{version}")
+        plots.wait(result.get("figures", []))  # drawn by src/plots.py's helper meanwhile
+        for path in files:
+            if path.suffix == ".png":
+                client.log_artifact(self.run_id, str(path), "reports")
+        self.stop_system_metrics()
+        client.set_terminated(self.run_id, "FINISHED")
         log.info("MLflow: run %s (parent %s)%s", self.run_id, self.parent_id, f", version {version}" if version else "")
         summary.update_parent(self.uri, self.parent_id, self.cfg)
 
