@@ -131,7 +131,7 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
         if ref.endswith(".onnx"):
             with tracking.store.downloaded(ref, uri) as local:  # the session holds the network once created
                 return _from_onnx(local, {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]})
-        metadata = mlflow.models.get_model_info(ref).metadata or {}
+        metadata = tracking.store.model_metadata(ref, uri)
         if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
             net, meta, origin = tracking.load_logged_model(ref, uri)
             return _from_single(_native(net, meta), meta, origin)

@@ -201,7 +201,11 @@ repo = [m for m in sys.modules if m == "src" or m.startswith(("src.", "tests"))]
 print(json.dumps({"columns": list(out.columns), "rows": out.to_dict("records"), "repo_modules": repo,
                   "sys_path": sys.path, "metadata": model.metadata.metadata}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": store["uri"]}
+    # MLflow downloads the model into TMPDIR and leaves it there: the test's folder, not /tmp.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "MLFLOW_TRACKING_URI": store["uri"],
+        "TMPDIR": str(tmp_path),
+    }
     result = subprocess.run(
         [sys.executable, "-I", "-c", script, f"runs:/{store['parent']}/ensemble", *map(str, test_images[:3])],
         cwd=tmp_path,
@@ -220,7 +224,9 @@ print(json.dumps({"columns": list(out.columns), "rows": out.to_dict("records"), 
     assert [row["predicted"] for row in out["rows"]] == [CLASSES[k] for k in expected.argmax(1)]
     assert out["metadata"]["kind"] == "cv_ensemble" and out["metadata"]["n_models"] == 2
     assert out["metadata"]["preprocessing"]["crop_size"] == 32
-    local = mlflow.artifacts.download_artifacts(f"runs:/{store['parent']}/ensemble", tracking_uri=store["uri"])
+    local = mlflow.artifacts.download_artifacts(
+        f"runs:/{store['parent']}/ensemble", tracking_uri=store["uri"], dst_path=str(tmp_path / "downloaded")
+    )
     requirements = (Path(local) / "requirements.txt").read_text()
     for package in ("mlflow==", "torch==", "torchvision==", "pillow==", "pandas==", "numpy=="):
         assert package in requirements
@@ -232,8 +238,9 @@ def model_server(model_uri: str, uri: str, cwd: Path) -> Iterator[str]:
     bin_dir = str(Path(sys.executable).parent)  # mlflow starts uvicorn by name
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
+    env["TMPDIR"] = str(cwd / "tmp")  # where MLflow downloads the model to serve, and leaves it
     command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "tmp").mkdir(parents=True, exist_ok=True)
     with serve(command, "/ping", cwd / "serve.log", timeout=240, cwd=cwd, env=env) as url:
         yield url
 

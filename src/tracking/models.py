@@ -31,8 +31,9 @@ def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str
             name, _, alias = name.partition("@")
             mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
             origin = {"training_run_id": mv.run_id, "model_name": name, "model_version": str(mv.version)}
-        net = mlflow.pytorch.load_model(ref, map_location="cpu")
-        meta = mlflow.models.get_model_info(ref).metadata or {}
+        with store.downloaded(ref, uri) as local:  # MLflow's own download into /tmp would stay there
+            net = mlflow.pytorch.load_model(str(local), map_location="cpu")
+            meta = mlflow.models.Model.load(str(local)).metadata or {}
     except MlflowException as err:
         raise UserError(
             f"ckpt={ref} was not found in the MLflow store {store.redact(uri)}: {err.message.splitlines()[0]}"
