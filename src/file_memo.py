@@ -88,13 +88,16 @@ def use_store(folder: str | Path | None) -> None:
 
 def save() -> None:
     """Add this process's new facts to the store (merged with what is there; among parallel writers the last
-    one's additions win, and the others' are found again later)."""
+    one's additions win, and the others' are found again later). Facts about files that are gone (deleted,
+    renamed, another data folder's) leave the store then, so it does not grow with every file ever seen; a
+    process with nothing new writes nothing."""
     if _store is None or not _new:
         return
     tmp = None
     try:
         _store.parent.mkdir(parents=True, exist_ok=True)
-        facts = {**_read(_store), **{key: _facts[key] for key in _new}}
+        kept = {key: fact for key, fact in _read(_store).items() if os.path.exists(key.partition("\0")[2])}
+        facts = {**kept, **{key: _facts[key] for key in _new}}
         fd, tmp = tempfile.mkstemp(dir=_store.parent, prefix=f".{_store.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump({"format": FORMAT, "facts": facts}, f, separators=(",", ":"))

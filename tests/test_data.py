@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -203,6 +204,30 @@ file_memo.save()
     (tmp_path / file_memo.STORE_FILE).write_text("{not json")  # a damaged store is ignored, then rewritten
     assert run("first").stdout.strip() == "[True, False]"
     assert "a.png" in (tmp_path / file_memo.STORE_FILE).read_text()
+
+
+def test_the_facts_store_forgets_files_that_are_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """file_memo.save: facts about deleted or renamed files leave the store with the next new fact."""
+    for name, value in (("_facts", {}), ("_new", set()), ("_store", None), ("RACY_NS", 0)):
+        monkeypatch.setattr(file_memo, name, value)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        (data / name).write_bytes(name.encode())
+    file_memo.use_store(tmp_path / "cache")
+    stored = tmp_path / "cache" / file_memo.STORE_FILE
+
+    def names() -> set[str]:
+        return {Path(key.partition("\0")[2]).name for key in json.loads(stored.read_text())["facts"]}
+
+    for name in ("a.png", "b.png"):
+        file_memo.sha256(data / name)
+    file_memo.save()
+    assert names() == {"a.png", "b.png"}
+    (data / "a.png").rename(data / "c.png")
+    file_memo.sha256(data / "c.png")
+    file_memo.save()
+    assert names() == {"b.png", "c.png"}
 
 
 def test_missing_data_dir_says_how_to_get_data(tmp_path: Path) -> None:
