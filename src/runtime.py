@@ -65,29 +65,44 @@ def start_plot_helper() -> None:
 def compose_each_job_once() -> Iterator[None]:
     """Compose each sweep job's config once, not twice.
 
-    Hydra's basic sweeper composes every job of a batch before the first one starts, to fail early on an
-    override that does not compose (`validate_batch_is_legal`); the launcher then composes each job again as it
-    starts it: ~0.13 s per compose of conf/ on 2 CPU cores, so a 5-fold sweep spent ~1.3 s composing. Inside
-    this block the second compose is a copy of the first (configs keep their interpolations unresolved, and
-    carry the sweep's resolver cache as Hydra's own compose does). Launchers that compose in other processes
-    (joblib, submitit) compose there as before.
+    Hydra's sweeper composes every job of a batch before the first one starts, to fail early on an override that
+    does not compose (`Sweeper.validate_batch_is_legal`); the launcher then composes each job again as it starts
+    it: ~0.13 s per compose of conf/ on 2 CPU cores, so a 5-fold sweep spent ~1.3 s composing. Inside this block
+    the launcher gets the config composed for that check, with the sweep's resolver cache copied again as
+    Hydra's own compose does, and it is let go then. A job nobody checked (an Optuna trial) is composed as before,
+    and so are jobs that launchers compose in their own processes (joblib, submitit).
     """
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.plugins.sweeper import Sweeper
     from omegaconf import OmegaConf
 
-    original = ConfigLoaderImpl.load_sweep_config
-    composed: dict[tuple[int, tuple[str, ...]], Any] = {}
+    load, validate = ConfigLoaderImpl.load_sweep_config, Sweeper.validate_batch_is_legal
+    checked: dict[tuple[int, tuple[str, ...]], Any] = {}
+    checking = False
+
+    def validate_batch_is_legal(self: Sweeper, batch: Any) -> None:
+        nonlocal checking
+        checking = True
+        try:
+            validate(self, batch)
+        finally:
+            checking = False
 
     def load_sweep_config(self: ConfigLoaderImpl, master_config: Any, sweep_overrides: list[str]) -> Any:
         key = (id(master_config), tuple(sweep_overrides))
-        if key not in composed:
-            composed[key] = original(self, master_config, sweep_overrides)
-        config = copy.deepcopy(composed[key])
+        if checking:
+            checked[key] = load(self, master_config, sweep_overrides)
+            return copy.deepcopy(checked[key])
+        config = checked.pop(key, None)
+        if config is None:
+            return load(self, master_config, sweep_overrides)
         OmegaConf.copy_cache(from_config=master_config, to_config=config)
         return config
 
     ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
+    Sweeper.validate_batch_is_legal = validate_batch_is_legal  # type: ignore[method-assign]
     try:
         yield
     finally:
-        ConfigLoaderImpl.load_sweep_config = original  # type: ignore[method-assign]
+        ConfigLoaderImpl.load_sweep_config = load  # type: ignore[method-assign]
+        Sweeper.validate_batch_is_legal = validate  # type: ignore[method-assign]

@@ -194,41 +194,46 @@ print(gc.isenabled(), first > 0, gc.get_freeze_count() == first)
 
 
 def test_a_sweep_composes_each_job_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """src.runtime.compose_each_job_once: the launcher's compose of a job is a copy of the sweeper's early check of
-    it; each copy is the job's own, and Hydra's composing is back as it was after the block."""
+    """src.runtime.compose_each_job_once: the launcher gets the config the sweeper composed to check the job, each
+    job its own, once; a job nobody checked is composed as before; Hydra is as it was after the block."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.plugins.sweeper import Sweeper
+    from hydra.types import HydraContext
     from omegaconf import OmegaConf
 
     from src.runtime import compose_each_job_once
 
-    composed: list[list[str]] = []
+    composed: list[str] = []
     real = ConfigLoaderImpl.load_configuration
 
     def counted(self: ConfigLoaderImpl, config_name: str, overrides: list[str], **kwargs: object) -> object:
-        composed.append(list(overrides))
+        composed.append(overrides[-1] if overrides else "")
         return real(self, config_name, overrides, **kwargs)
 
     monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
-    original = ConfigLoaderImpl.load_sweep_config
+    original = (ConfigLoaderImpl.load_sweep_config, Sweeper.validate_batch_is_legal)
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         master = compose("config", return_hydra_config=True)
         loader = GlobalHydra.instance().config_loader()
+        # Hydra's plugin scan loads the basic sweeper's module anew: its class is the one the scan found
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        sweeper = BasicSweeper(max_batch_size=None, params=None)
+        sweeper.config = master
+        sweeper.hydra_context = HydraContext(config_loader=loader, callbacks=None)  # type: ignore[arg-type]
         composed.clear()
         with compose_each_job_once():
-            checked = loader.load_sweep_config(master, ["fold=1", "lr=0.01"])
-            launched = loader.load_sweep_config(master, ["fold=1", "lr=0.01"])
-            other = loader.load_sweep_config(master, ["fold=2"])
-        again = loader.load_sweep_config(master, ["fold=2"])
-    # fold=1 composed once, fold=2 once inside the block and again after it
-    assert [c[-1] for c in composed] == ["lr=0.01", "fold=2", "fold=2"]
-    assert launched is not checked and OmegaConf.to_yaml(launched) == OmegaConf.to_yaml(checked)
-    assert (launched.fold, launched.lr, other.fold, again.fold) == (1, 0.01, 2, 2)
-    launched.hydra.job.num = 7  # what a launcher does to its job's config
-    assert OmegaConf.is_missing(checked.hydra.job, "num")
-    assert ConfigLoaderImpl.load_sweep_config is original
+            sweeper.validate_batch_is_legal([["fold=1", "lr=0.01"], ["fold=2"]])
+            jobs = [loader.load_sweep_config(master, o) for o in (["fold=1", "lr=0.01"], ["fold=2"], ["fold=2"])]
+            unchecked = loader.load_sweep_config(master, ["fold=3"])
+    # the check composes each job; launching them composes nothing more, until a job is launched twice
+    assert composed == ["lr=0.01", "fold=2", "fold=2", "fold=3"]
+    assert [(c.fold, c.lr) for c in (*jobs, unchecked)] == [(1, 0.01), (2, 0.001), (2, 0.001), (3, 0.001)]
+    assert jobs[1] is not jobs[2] and OmegaConf.to_yaml(jobs[1]) == OmegaConf.to_yaml(jobs[2])
+    assert (ConfigLoaderImpl.load_sweep_config, Sweeper.validate_batch_is_legal) == original
 
 
 @pytest.mark.parametrize(("local_rank", "started"), [(None, "True"), ("1", "False")])
