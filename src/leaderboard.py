@@ -34,6 +34,7 @@ FOLD_COLUMNS = [
 CONFIG_COLUMNS = [
     "parent_run_id",
     "config",
+    "data",
     "folds_done",
     "folds_missing",
     "cv_mean_val_accuracy",
@@ -102,20 +103,31 @@ def collect(uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[dict[
             "data_version": r.data.tags.get("data_version", ""),
             "split_digest": r.data.tags.get("split_digest", ""),
             "fold_scores": {int(m.group(1)): v for k, v in r.data.metrics.items() if (m := FOLD_METRIC.fullmatch(k))},
+            "end_time": r.info.end_time or r.info.start_time or 0,
         }
         for run_id, r in parents.items()
         if "cv_mean_val_accuracy" in r.data.metrics
     ]
-    # Complete configurations first, by out-of-fold accuracy (ties: smaller spread); then the rest by CV mean.
-    configs.sort(
+    return folds, with_comparisons(rank(configs))
+
+
+def rank(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configurations on the latest data first (the data version of the configuration that ended last: scores
+    on other data say nothing about it, as the champion's rule has it), marked `latest_data`; within each, complete
+    configurations by out-of-fold accuracy (ties: smaller spread), then the rest by CV mean."""
+    latest = max(configs, key=lambda row: row["end_time"])["data_version"] if configs else ""
+    for row in configs:
+        row["latest_data"] = row["data_version"] == latest
+    return sorted(
+        configs,
         key=lambda row: (
+            row["latest_data"],
             row["oof_accuracy"] != "",
             row["oof_accuracy"] if row["oof_accuracy"] != "" else row["cv_mean_val_accuracy"],
             -row["cv_std_val_accuracy"],
         ),
         reverse=True,
     )
-    return folds, with_comparisons(configs)
 
 
 def with_comparisons(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,9 +165,13 @@ def top_two(configs: list[dict[str, Any]]) -> str:
 
 def recommendation(configs: list[dict[str, Any]]) -> str:
     """The fold ensemble of the best complete configuration: every fold's model, judged out of fold."""
-    complete = [c for c in configs if c["oof_accuracy"] != ""]
+    complete = [c for c in configs if c["oof_accuracy"] != "" and c.get("latest_data", True)]
     if not complete:
-        return "No complete configuration yet: train every fold of one (fold=0..n_folds-1) to get its fold ensemble."
+        on_latest = " on the latest data" if any(c["oof_accuracy"] != "" for c in configs) else ""
+        return (
+            f"No complete configuration{on_latest} yet: train every fold of one (fold=0..n_folds-1) to get its fold "
+            "ensemble."
+        )
     best = complete[0]
     where = [x for x in (best["registered_model"], f"runs:/{best['parent_run_id']}") if x]
     return (
@@ -167,6 +183,14 @@ def recommendation(configs: list[dict[str, Any]]) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """`data`: the first 8 hex digits of the data version, `*` marking the latest data."""
+    if column != "data":
+        return _fmt(row[column])
+    digits = row.get("data_version", "").rpartition(":")[2][:8]
+    return f"{digits}{'*' if row.get('latest_data') else ''}" if digits else ""
 
 
 def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str, top: int) -> str:
@@ -185,7 +209,7 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
 
         def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
             lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+            lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
             return "\n".join(lines)
 
         return (
@@ -205,12 +229,13 @@ def render(folds: list[dict[str, Any]], configs: list[dict[str, Any]], fmt: str,
     for row in folds:
         fold_table.add_row(*(_fmt(row[c]) for c in FOLD_COLUMNS))
     config_table = Table(title="Configurations: mean ± std over folds")
-    columns = ("config", "folds_done", "cv_mean ± std", "ci95", "oof_accuracy", "best_fold", "diff_vs_top", "p")
+    columns = ("config", "data", "folds_done", "cv_mean ± std", "ci95", "oof_accuracy", "best_fold", "diff_vs_top", "p")
     for column in (*columns, "parent_run_id"):
         config_table.add_column(column)
     for row in configs:
         config_table.add_row(
             row["config"],
+            _cell(row, "data"),
             f"{row['folds_done']}" + (f" ({row['folds_missing']} missing)" if row["folds_missing"] else ""),
             f"{row['cv_mean_val_accuracy']:.4f} ± {row['cv_std_val_accuracy']:.4f}",
             row["ci95"],

@@ -94,23 +94,13 @@ def _native(net: Any, meta: dict[str, Any]) -> Any:
         return net
 
 
-def _registry_origin(ref: str, uri: str) -> dict[str, str]:
-    """Training run, model name and version of a `models:/` reference."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name, _, rest = ref.removeprefix("models:/").partition("/")
-    name, _, alias = name.partition("@")
-    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
-    return {"training_run_id": mv.run_id, "model_name": name, "model_version": str(mv.version)}
-
-
 def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from src import tracking
     from src.serving import ensemble_dir
+    from src.tracking import registry
 
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
@@ -131,14 +121,14 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
         if ref.endswith(".onnx"):
             with tracking.store.downloaded(ref, uri) as local:  # the session holds the network once created
                 return _from_onnx(local, {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]})
+        if ref.startswith("models:/"):
+            origin = registry.model_origin(ref, uri)
+        else:
+            origin = {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]}
         metadata = tracking.store.model_metadata(ref, uri)
         if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
             net, meta, origin = tracking.load_logged_model(ref, uri)
             return _from_single(_native(net, meta), meta, origin)
-        if ref.startswith("models:/"):
-            origin = _registry_origin(ref, uri)
-        else:
-            origin = {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]}
         with tracking.store.downloaded(ref, uri) as local:  # the networks are in memory once loaded
             directory = ensemble_dir(local)
             if directory is None:
@@ -168,7 +158,10 @@ def load_model(ref: str, cfg: DictConfig) -> LoadedModel:
         return _from_onnx(path, origin)
     from src.model import load_model_file
 
-    return _from_single(*load_model_file(path), origin)
+    net, meta = load_model_file(path)
+    if meta.get("mlflow_run_id"):  # written by train.py with MLflow on
+        origin["training_run_id"] = str(meta["mlflow_run_id"])
+    return _from_single(net, meta, origin)
 
 
 def resolve_runtime(runtime: str, model: LoadedModel, images: int | None = None, tta: str = "none") -> str:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from src.analysis.comparison import compare, corrected_paired_ttest, cv_interval, verdict
-from src.leaderboard import render, with_comparisons
+from src.leaderboard import rank, render, with_comparisons
 
 A = [0.90, 0.92, 0.91, 0.93, 0.89]
 B = [0.88, 0.90, 0.90, 0.90, 0.88]
@@ -102,3 +102,19 @@ def test_leaderboard_refuses_to_compare_other_splits() -> None:
     text = render([], configs, "table", 20)
     assert "not comparable: other split/data" in text and "cannot be compared fold by fold" in text
     assert "not distinguishable" not in render([], with_comparisons([config("alone", A)]), "markdown", 20)
+
+
+def test_the_leaderboard_ranks_and_recommends_on_the_latest_data() -> None:
+    """After the data changed, a configuration scored on the old data is listed after those on the new data and
+    is not recommended, however high its score (the champion's rule too)."""
+    old = {**config("old data", A, oof=0.95), "data_version": "sha256:aaaa1111ffff", "end_time": 1}
+    new = {**config("new data", B, oof=0.80), "data_version": "bbbb2222cccc", "end_time": 2}
+    configs = with_comparisons(rank([old, new]))
+    assert [(c["config"], c["latest_data"]) for c in configs] == [("new data", True), ("old data", False)]
+    markdown = render([], configs, "markdown", 5)
+    assert "Recommended model: runs:/run-new data" in markdown and "'new data', oof_accuracy 0.8000" in markdown
+    assert "| bbbb2222* |" in markdown and "| aaaa1111 |" in markdown
+    partial = {**config("new data, 3 folds", B[:3]), "oof_accuracy": "", "data_version": "cccc", "end_time": 3}
+    assert "No complete configuration on the latest data yet" in render(
+        [], with_comparisons(rank([old, partial])), "markdown", 5
+    )

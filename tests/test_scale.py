@@ -120,6 +120,9 @@ def test_optuna_searches_the_cv_mean_and_tags_the_best_trial(image_root: Path, t
     assert 1 <= len(parents) <= 2 and all(len(children_of(client, p.info.run_id)) >= 2 for p in parents)
     (best,) = [p for p in parents if p.data.tags.get("best_trial") == "true"]
     assert abs(best.data.metrics["cv_mean_val_accuracy"] - results["best_value"]) < 1e-6
+    # the trial Optuna calls best, ties included (tiny data often ties)
+    assert float(best.data.params["lr"]) == pytest.approx(results["best_params"]["lr"])
+    assert int(best.data.params["batch_size"]) == results["best_params"]["batch_size"]
 
 
 def test_resume_continues_a_killed_fold_in_the_same_run(image_root: Path, tmp_path: Path) -> None:

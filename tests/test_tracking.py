@@ -264,7 +264,25 @@ def test_test_py_from_the_registry_records_a_linked_test_run(sweep_store: tuple[
     )
     fold_run = runs_by_type(client, "fold")[0]  # a single fold's MLflow model scores too
     score(f"runs:/{fold_run.info.run_id}/model", "test-run-fold")
-    assert json.loads((tmp / "test-run-fold" / "test_metrics.json").read_text())["n_images"] == 9
+    by_run = json.loads((tmp / "test-run-fold" / "test_metrics.json").read_text())
+    assert by_run["n_images"] == 9
+    logged = fold_run.data.tags["model_uri"]  # models:/m-<id>: the same model as MLflow prints it
+    assert logged.startswith("models:/m-")
+    score(logged, "test-run-logged")
+    by_id = json.loads((tmp / "test-run-logged" / "test_metrics.json").read_text())
+    assert {k: v for k, v in by_id.items() if k != "ckpt"} == {k: v for k, v in by_run.items() if k != "ckpt"}
+    # A fold's exported file, given as a file, names its training run too (train.py writes it into the file).
+    (exported,) = (Path(fold_run.data.tags["hydra_output_dir"]) / "model").glob("*.pth")
+    result = run_cli(
+        "test.py",
+        f'ckpt="{exported}"',  # a sweep folder's name holds `=` and `,`: quoted, as README says
+        f"logger.tracking_uri={uri}",
+        f"data.test_dir={image_root / 'test'}",
+        f"hydra.run.dir={tmp / 'test-run-file'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (file_run,) = [r for r in runs_by_type(client, "test") if r.data.tags.get("model_file") == str(exported.resolve())]
+    assert file_run.data.tags["training_run_id"] == fold_run.info.run_id
 
 
 def test_a_rerun_fold_joins_its_parent_and_replaces_the_fold(sweep_store: tuple[str, Path], image_root: Path) -> None:

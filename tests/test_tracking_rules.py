@@ -118,6 +118,22 @@ def test_champion_moves_only_to_a_better_ensemble_on_the_same_data(
     assert moved and champion() == new_classes
 
 
+def test_a_registry_reference_names_its_version_or_alias(
+    registry_store: tuple[str, MlflowClient], tmp_path: Path
+) -> None:
+    """registry.model_origin: `<name>/<version>` and `<name>@<alias>` name a version; a stage or a typo
+    (`/abc`, `/latest`) is one line saying what to give, before MLflow's message about stages."""
+    from src.errors import UserError
+
+    uri, client = registry_store
+    version = _version(client, tmp_path, **_ensemble(0.8))
+    origin = registry.model_origin(f"models:/resnet18_classifier/{version}", uri)
+    assert (origin["model_name"], origin["model_version"]) == ("resnet18_classifier", str(version))
+    for ref in ("models:/resnet18_classifier/abc", "models:/resnet18_classifier/latest"):
+        with pytest.raises(UserError, match=r"give a version number or an alias, e\.g\. models:/resnet18_classifier/1"):
+            registry.model_origin(ref, uri)
+
+
 def test_a_fold_run_stays_open_after_fit_until_its_last_artifact(
     make_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

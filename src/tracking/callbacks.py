@@ -38,7 +38,8 @@ class TagBestTrial(Callback):
         scored = [p for p in parents if "cv_mean_val_accuracy" in p.data.metrics]
         if not scored:
             return
-        best = max(scored, key=lambda p: p.data.metrics["cv_mean_val_accuracy"])
+        # Ties go to the earliest trial, as Optuna's own "best trial" does.
+        best = max(scored, key=lambda p: (p.data.metrics["cv_mean_val_accuracy"], -(p.info.start_time or 0)))
         for parent in scored:
             client.set_tag(parent.info.run_id, "best_trial", str(parent is best).lower())
         m = best.data.metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from src.errors import UserError
-from src.tracking import store
+from src.tracking import registry, store
 
 
 def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str, str]]:
@@ -17,7 +17,6 @@ def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str
     from src.model import load_model_file
 
     store.use(uri)
-    client = store.client(uri)
     try:
         if ref.startswith("runs:/"):
             run_id = ref.removeprefix("runs:/").split("/", 1)[0]
@@ -27,10 +26,7 @@ def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str
                     net, meta = load_model_file(local)
                 return net, meta, origin
         else:
-            name, _, rest = ref.removeprefix("models:/").partition("/")
-            name, _, alias = name.partition("@")
-            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
-            origin = {"training_run_id": mv.run_id, "model_name": name, "model_version": str(mv.version)}
+            origin = registry.model_origin(ref, uri)
         with store.downloaded(ref, uri) as local:  # MLflow's own download into /tmp would stay there
             net = mlflow.pytorch.load_model(str(local), map_location="cpu")
             meta = mlflow.models.Model.load(str(local)).metadata or {}

@@ -28,6 +28,25 @@ def model_name(cfg: DictConfig) -> str:
     return settings.get("name") or f"{cfg.model.name}_classifier"
 
 
+def model_origin(ref: str, uri: str) -> dict[str, str]:
+    """Training run, and registry name and version, of a `models:/` reference: `<name>/<version>`,
+    `<name>@<alias>`, or a logged model's `models:/m-<id>` (what MLflow prints, and a fold run's `model_uri`)."""
+    from src.errors import UserError
+
+    name, slash, version = ref.removeprefix("models:/").strip("/").partition("/")
+    if not slash and "@" not in name:
+        model = store.client(uri).get_logged_model(name)
+        return {"training_run_id": model.source_run_id or "", "model_id": model.model_id}
+    name, _, alias = name.partition("@")
+    if not alias and not version.isdigit():
+        raise UserError(
+            f"ckpt={ref}: give a version number or an alias, e.g. models:/{name}/1 or models:/{name}@{CHAMPION}"
+        )
+    client = store.client(uri)
+    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return {"training_run_id": mv.run_id, "model_name": name, "model_version": str(mv.version)}
+
+
 def register_fold(uri: str, model_uri: str, name: str, fold: int, best: float, run_id: str) -> str:
     """A version for one fold's model; it never becomes the champion."""
     import mlflow

@@ -66,7 +66,10 @@ def use(uri: str) -> None:
 
 
 def _hide_urls_with_credentials(uri: str) -> None:
-    """MLflow prints "View run ... at: <uri>" when a run ends; with credentials in the URI it must not."""
+    """MLflow prints "View run ... at: <uri>" when a run ends; with credentials in the URI it must not. Its
+    download progress bars, meant for a terminal, went into the jobs' logs and before error lines: off unless
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR says otherwise."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if redact(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
