@@ -229,7 +229,8 @@ def build_store(
     `ram` falls back to `disk` where `choose_mode` says so; `disk` reuses a store of the same images and key.
     The decoding runs in `max(1, num_workers)` threads of this process, before any loader worker starts.
     """
-    from src.features import digest_bytes, entry_folder
+    from src import file_memo
+    from src.features import entry_folder
 
     if mode not in ("ram", "disk"):
         raise UserError(f"data.decode_cache={mode} is not one of {', '.join(CHOICES)}")
@@ -247,7 +248,7 @@ def build_store(
     else:
         folder = entry_folder(Path(cache_dir) / "decoded", store_key(resize))
         folder.mkdir(parents=True, exist_ok=True)
-        images = hashlib.sha256("\n".join(digest_bytes(f) for f in files).encode()).hexdigest()[:32]
+        images = hashlib.sha256("\n".join(file_memo.sha256(f) for f in files).encode()).hexdigest()[:32]
         stem = folder / images
         with FileLock(folder / ".lock"):
             store, decoded = _open_disk(stem), 0

@@ -89,11 +89,6 @@ def use_feature_cache(cfg: DictConfig) -> bool:
     return True
 
 
-def digest_bytes(path: Path) -> str:
-    """sha256 of a file's bytes: the identity of an image, whatever its name or folder (read once per process)."""
-    return file_memo.sha256(path)
-
-
 def cache_key(
     backbone_name: str, backbone: nn.Module, transform: v2.Transform, weights_sha256: str | None = None
 ) -> dict[str, object]:
@@ -174,7 +169,7 @@ def cached_features(
     key = cache_key(backbone_name, backbone, transform, weights_sha256)
     folder = entry_folder(cache_dir, key)
     folder.mkdir(parents=True, exist_ok=True)
-    digests = [digest_bytes(Path(root) / p) for p in paths]
+    digests = [file_memo.sha256(Path(root) / p) for p in paths]
     with FileLock(folder / ".lock"):
         if not (folder / "key.json").is_file():
             _write_atomic(folder / "key.json", json.dumps(key, indent=2).encode())

@@ -101,6 +101,7 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
     from src import tracking
     from src.serving import ensemble_dir
     from src.tracking import registry
+    from src.tracking.models import pt2_network
 
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
@@ -125,11 +126,11 @@ def _from_mlflow(ref: str, cfg: DictConfig) -> LoadedModel:
             origin = registry.model_origin(ref, uri)
         else:
             origin = {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0]}
-        metadata = tracking.store.model_metadata(ref, uri)
-        if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
-            net, meta, origin = tracking.load_logged_model(ref, uri)
-            return _from_single(_native(net, meta), meta, origin)
         with tracking.store.downloaded(ref, uri) as local:  # the networks are in memory once loaded
+            metadata = mlflow.models.Model.load(str(local)).metadata or {}
+            if metadata.get("kind") != "cv_ensemble":  # a pt2 fold model logged by earlier versions of train.py
+                net, meta = pt2_network(local, metadata, ref)
+                return _from_single(_native(net, meta), meta, {**origin, "model_uri": ref})
             directory = ensemble_dir(local)
             if directory is None:
                 raise UserError(f"ckpt={ref} is marked as an ensemble but holds no ensemble.json; log it again")

@@ -87,6 +87,10 @@ def test_a_photo_stored_sideways_is_decoded_upright(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    from src.data import IMAGE_EXTENSIONS
+    from src.serving.ensemble_model import IMAGE_EXTENSIONS as SERVED_EXTENSIONS
+
+    assert SERVED_EXTENSIONS == IMAGE_EXTENSIONS  # the self-contained served copy reads what training reads
     for load in (load_image, served_load_image):
         image = load(tmp_path / "phone.jpg")
         assert image.size == (30, 70)

@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from src.errors import UserError
-from src.tracking import registry, store
+from src.tracking import store
 
 
 def load_logged_model(ref: str, uri: str) -> tuple[Any, dict[str, Any], dict[str, str]]:
-    """Network, metadata and origin tags for a single model at `models:/<name>@<alias>`,
-    `models:/<name>/<version>` or `runs:/<id>/<path>`."""
-    import mlflow
+    """Network, metadata and origin tags of a fold run's exported file, `runs:/<id>/exported/<file>.pth` (or a
+    Lightning `.ckpt` logged as a file)."""
     from mlflow.exceptions import MlflowException
 
     from src.model import load_model_file
 
     store.use(uri)
     try:
-        if ref.startswith("runs:/"):
-            run_id = ref.removeprefix("runs:/").split("/", 1)[0]
-            origin = {"training_run_id": run_id}
-            if ref.endswith((".pth", ".ckpt")):
-                with store.downloaded(ref, uri) as local:
-                    net, meta = load_model_file(local)
-                return net, meta, origin
-        else:
-            origin = registry.model_origin(ref, uri)
-        with store.downloaded(ref, uri) as local:  # MLflow's own download into /tmp would stay there
-            net = mlflow.pytorch.load_model(str(local), map_location="cpu")
-            meta = mlflow.models.Model.load(str(local)).metadata or {}
+        with store.downloaded(ref, uri) as local:
+            net, meta = load_model_file(local)
     except MlflowException as err:
         raise UserError(
             f"ckpt={ref} was not found in the MLflow store {store.redact(uri)}: {err.message.splitlines()[0]}"
         ) from err
-    if "classes" not in meta:
+    return net, meta, {"training_run_id": ref.removeprefix("runs:/").split("/", 1)[0], "model_uri": ref}
+
+
+def pt2_network(folder: Path, metadata: dict[str, Any], ref: str) -> tuple[Any, dict[str, Any]]:
+    """Network and metadata of a pt2 MLflow model (how earlier versions of train.py logged each fold), from its
+    local folder and its MLmodel's metadata."""
+    import mlflow
+
+    if "classes" not in metadata:
         raise UserError(f"ckpt={ref} was not logged by train.py (no classes in its metadata); pass a models/*.pth file")
-    return net, meta, {**origin, "model_uri": ref}
+    return mlflow.pytorch.load_model(str(folder), map_location="cpu"), metadata

@@ -222,24 +222,6 @@ def downloaded(ref: str, uri: str) -> Iterator[Path]:
         yield Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp, tracking_uri=uri))
 
 
-def model_metadata(ref: str, uri: str) -> dict[str, Any]:
-    """The `metadata` of the MLmodel at a `models:/` or `runs:/` reference, read from a temporary copy that goes
-    afterwards (`mlflow.models.get_model_info` leaves its download in /tmp, one per test.py or predict.py run)."""
-    import tempfile
-
-    import mlflow
-    from mlflow.models import Model
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
-    if ref.startswith("models:/"):  # a registry version, or a logged model (models:/m-<id>) as MLflow prints it
-        ref = ModelsArtifactRepository.get_underlying_uri(ref)
-    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{ref.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=uri
-        )
-        return Model.load(path).metadata or {}
-
-
 def link_members(artifact_uri: str, sources: list[Path]) -> int:
     """Make the network files inside a logged fold ensemble hard links to `sources`, and return how many: MLflow
     copies each one, which would keep a fold's 45 MB network up to four times (run folder, `exported/`, the fold
