@@ -21,6 +21,7 @@ from src.model import (
     ImageClassifier,
     _output_layer,
     build_network,
+    digest_module,
     load_model_file,
     native_kwargs,
     native_network,
@@ -336,3 +337,40 @@ def test_a_rebuilt_network_is_the_one_a_fresh_process_would_build() -> None:
     assert all(torch.equal(a, b) for a, b in zip(again, fresh, strict=True))
     other, _ = build(1)
     assert not torch.equal(other[0], fresh[0])
+
+
+def test_a_rebuilt_frozen_backbone_reuses_its_digest_until_its_weights_change() -> None:
+    """The jobs of a sweep hash their frozen backbone once; a backbone whose weights changed is hashed again."""
+    import src.model
+
+    def fresh(seed: int, frozen: bool = True) -> ImageClassifier:
+        torch.manual_seed(seed)
+        return ImageClassifier("resnet18", ["a", "b"], 32, freeze_backbone=frozen)
+
+    src.model._last_built = None
+    try:
+        other = fresh(1).state_dict()
+        digest = fresh(0).backbone_digest()
+        assert list(src.model._built_digest.values()) == [digest]
+        again = fresh(0)
+        assert again.backbone_digest() == digest == digest_module(again.backbone)
+        loaded = fresh(0)  # a whole-network checkpoint brings other backbone weights
+        loaded.load_checkpoint_weights({"state_dict": other})
+        assert loaded.backbone_digest() == digest_module(loaded.backbone) != digest
+        trained = fresh(0, frozen=False)
+        with torch.no_grad():
+            next(trained.backbone.parameters()).add_(1.0)
+        assert trained.backbone_digest() == digest_module(trained.backbone) != digest
+    finally:
+        src.model._last_built = None
+
+
+def test_model_files_leave_torch_save_settings_as_they_were(tmp_path: Path) -> None:
+    """Model files are written without zip checksums (torch.load never reads them); other saves keep them."""
+    import zipfile
+
+    before = torch.serialization.get_crc32_options()
+    path = save_model_file(tmp_path / "m.pth", {"w": torch.arange(1000.0)}, {"classes": ["a"]})
+    assert torch.serialization.get_crc32_options() == before
+    assert torch.equal(torch.load(path, weights_only=True, mmap=True)["state_dict"]["w"], torch.arange(1000.0))
+    assert zipfile.ZipFile(path).testzip() is not None  # the records carry no CRC32

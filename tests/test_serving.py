@@ -155,6 +155,11 @@ def test_ensemble_is_the_mean_of_its_folds_probabilities(work: Path, folds: list
     )
     with pytest.raises(ValueError, match="classes"):
         served.save_ensemble(work / "bad", [folds[0], fold_file(work / "other.pth", 3, classes=["a", "b", "c"])])
+    # A trainer that wrote the files passes their metadata instead of having them read back: the same description.
+    metas = [{k: v for k, v in torch.load(f, weights_only=True).items() if k != "state_dict"} for f in folds]
+    assert served.save_ensemble(work / "given", folds, metas=metas) == config
+    with pytest.raises(ValueError, match="1 metadata entries for 2 model files"):
+        served.save_ensemble(work / "short", folds, metas=metas[:1])
 
 
 def test_serving_decodes_and_preprocesses_exactly_as_training(tmp_path: Path) -> None:

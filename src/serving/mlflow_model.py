@@ -79,6 +79,7 @@ def log_ensemble_model(
     temperature: float = 1.0,
     name: str = "ensemble",
     input_example: bool = True,
+    metas: Sequence[Mapping[str, Any]] | None = None,
 ) -> Any:
     """Log the fold models as one MLflow model `name` of run `run_id` (default: the active run); return its
     ModelInfo. Register it with `mlflow.register_model(info.model_uri, ...)`.
@@ -91,7 +92,7 @@ def log_ensemble_model(
     run is not made active, so its status stays as it is (a fold run is closed only after its last artifact)
     and MLflow skips re-reading every metric history of the run to link the ones at step 0 (16 requests for a
     fold run). `input_example=False` logs no example, which also skips MLflow's check that loads and runs the
-    model (~1 s).
+    model (~1 s). `metas`: the metadata of `model_files` (.pth) as written, to spare reading it back.
     """
     import mlflow
     from mlflow.entities import LoggedModelOutput, Metric
@@ -112,7 +113,13 @@ def log_ensemble_model(
         files = [_as_model_file(Path(p), staging, i) for i, p in enumerate(model_files)]
         try:
             config = save_ensemble(
-                staging / ARTIFACT, files, tta=tta, temperature=temperature, network_kwargs=native_kwargs, link=True
+                staging / ARTIFACT,
+                files,
+                tta=tta,
+                temperature=temperature,
+                network_kwargs=native_kwargs,
+                link=True,
+                metas=[dict(m) for m in metas] if metas is not None and files == list(map(Path, model_files)) else None,
             )
         except ValueError as err:
             raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err

@@ -191,7 +191,9 @@ class FoldRun:
         store.use(self.uri)
         # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble; the
         # final metrics are the model's too.
-        info = log_ensemble_model([model_file], run_id=self.run_id, metrics=metrics, name="model", input_example=False)
+        info = log_ensemble_model(
+            [model_file], run_id=self.run_id, metrics=metrics, name="model", input_example=False, metas=[result["meta"]]
+        )
         store.link_members(client.get_logged_model(info.model_id).artifact_location, [model_file])  # one copy on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
         version = None
