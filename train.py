@@ -26,7 +26,9 @@ def main(cfg: DictConfig) -> float:
     start_plot_helper()
     with heavy_imports():
         from src.errors import run_job
-        from src.training import train
+        from src.training import import_first_use_modules, train
+
+        import_first_use_modules(cfg)
 
     return run_job(train, cfg)
 

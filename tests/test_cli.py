@@ -193,6 +193,26 @@ print(gc.isenabled(), first > 0, gc.get_freeze_count() == first)
     assert result.stdout.split() == ["True", "True", "True"], result.stderr
 
 
+def test_a_job_s_first_use_modules_are_imported_with_the_heavy_imports() -> None:
+    """src.training.import_first_use_modules: MLflow's store stack only with the MLflow logger, scikit-learn's
+    splitters always; every name on the lists imports."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from omegaconf import OmegaConf
+from src.training import import_first_use_modules
+import_first_use_modules(OmegaConf.create({"logger": {}}))
+before = "mlflow" in sys.modules
+import_first_use_modules(OmegaConf.create({"logger": {"experiment_name": "e"}}))
+print(before, "sklearn.model_selection" in sys.modules, "mlflow.store.tracking.sqlalchemy_store" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert result.stdout.split() == ["False", "True", "True"], result.stderr
+
+
 def test_a_sweep_composes_each_job_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """src.runtime.compose_each_job_once: the launcher gets the config the sweeper composed to check the job, each
     job its own, once; a job nobody checked is composed as before; Hydra is as it was after the block."""

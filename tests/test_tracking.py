@@ -164,6 +164,24 @@ def test_fold_runs_have_epoch_metrics_and_artifacts(sweep_store: tuple[str, Path
     assert in_model.samefile(own)
 
 
+def test_a_file_is_linked_in_place_or_left_as_it_was(tmp_path: Path) -> None:
+    """src.tracking.store._link_in_place: the copy becomes a hard link to the source, with no temporary name left;
+    where no link can be made (here: no source), the copy stays as it was."""
+    from src.tracking.store import _link_in_place
+
+    source, copy = tmp_path / "model.pth", tmp_path / "artifacts" / "model.pth"
+    copy.parent.mkdir()
+    source.write_bytes(b"weights")
+    copy.write_bytes(b"weights")
+    assert _link_in_place(source, copy) and copy.samefile(source)
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["model.pth"]
+    other = tmp_path / "artifacts" / "other.pth"
+    other.write_bytes(b"kept")
+    assert not _link_in_place(tmp_path / "missing.pth", other)
+    assert other.read_bytes() == b"kept"
+    assert sorted(p.name for p in other.parent.iterdir()) == ["model.pth", "other.pth"]
+
+
 def test_out_of_fold_predictions_cover_every_image_once(sweep_store: tuple[str, Path], image_root: Path) -> None:
     client = MlflowClient(sweep_store[0])
     n_images = len(list((image_root / "train").rglob("*.png")))

@@ -80,6 +80,7 @@ def log_ensemble_model(
     name: str = "ensemble",
     input_example: bool = True,
     metas: Sequence[Mapping[str, Any]] | None = None,
+    run_params: tuple[str, Mapping[str, str]] | None = None,
 ) -> Any:
     """Log the fold models as one MLflow model `name` of run `run_id` (default: the active run); return its
     ModelInfo. Register it with `mlflow.register_model(info.model_uri, ...)`.
@@ -92,7 +93,8 @@ def log_ensemble_model(
     run is not made active, so its status stays as it is (a fold run is closed only after its last artifact)
     and MLflow skips re-reading every metric history of the run to link the ones at step 0 (16 requests for a
     fold run). `input_example=False` logs no example, which also skips MLflow's check that loads and runs the
-    model (~1 s). `metas`: the metadata of `model_files` (.pth) as written, to spare reading it back.
+    model (~1 s). `metas`: the metadata of `model_files` (.pth) as written, and `run_params`: the run's
+    (experiment id, params) as logged, to spare reading them back.
     """
     import mlflow
     from mlflow.entities import LoggedModelOutput, Metric
@@ -107,7 +109,10 @@ def log_ensemble_model(
     if active is not None and active.info.run_id != run_id:  # MLflow would link the model to the active run
         raise UserError(f"log_ensemble_model(run_id={run_id}) inside another active run; call it outside that run")
     client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
+    if run_params is None:
+        run = client.get_run(run_id)
+        run_params = run.info.experiment_id, run.data.params
+    experiment_id, params = run_params
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         files = [_as_model_file(Path(p), staging, i) for i, p in enumerate(model_files)]
@@ -124,7 +129,7 @@ def log_ensemble_model(
         except ValueError as err:
             raise UserError(f"cannot make an ensemble of {len(files)} model files: {err}") from err
         model = mlflow.initialize_logged_model(
-            name=name, source_run_id=run_id, params=run.data.params, experiment_id=run.info.experiment_id
+            name=name, source_run_id=run_id, params=dict(params), experiment_id=experiment_id
         )
         if metrics:
             now = int(time.time() * 1000)

@@ -114,6 +114,7 @@ class FoldRun:
     parent_id: str
     run_id: str
     artifact_uri: str
+    params: dict[str, str] | None = field(default=None, repr=False)  # as logged: spares reading them back
     monitor: Any = field(default=None, repr=False)
 
     @property
@@ -131,15 +132,27 @@ class FoldRun:
             flush_every_s=float(OmegaConf.select(self.cfg, "logger.metrics_every_s", default=5.0)),
         )
 
-    def start_system_metrics(self) -> None:
-        """CPU, memory, disk and (where present) GPU use, sampled by MLflow while the fold trains."""
+    @functools.cached_property
+    def artifacts(self) -> Any:
+        """The run's artifact repository, from its known location: MlflowClient.log_artifact(s) would read the
+        run back to find it."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
+
+        return get_artifact_repository(
+            add_databricks_profile_info_to_artifact_uri(self.artifact_uri, self.uri), self.uri
+        )
+
+    def start_system_metrics(self, resume: bool = False) -> None:
+        """CPU, memory, disk and (where present) GPU use, sampled by MLflow while the fold trains; `resume`
+        continues the steps of a reopened run (MLflow reads the run back for them)."""
         if not OmegaConf.select(self.cfg, "logger.system_metrics", default=True):
             return
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=5, samples_before_logging=1, resume_logging=True, tracking_uri=self.uri
+                self.run_id, sampling_interval=5, samples_before_logging=1, resume_logging=resume, tracking_uri=self.uri
             )
             self.monitor.start()
         except Exception as err:  # a missing psutil/GPU library must not stop training
@@ -170,7 +183,7 @@ class FoldRun:
             hydra_dir = Path(HydraConfig.get().runtime.output_dir) / ".hydra" if HydraConfig.initialized() else None
             for path in sorted(hydra_dir.glob("*.yaml")) if hydra_dir and hydra_dir.is_dir() else []:
                 (folder / path.name).write_text(store.redact(path.read_text()))
-            self.client.log_artifacts(self.run_id, str(folder), "config")
+            self.artifacts.log_artifacts(str(folder), "config")
 
     def finish(self, result: dict[str, Any]) -> None:
         """Log metrics, config, reports, the exported file and the MLflow model; register the model (while the
@@ -185,14 +198,20 @@ class FoldRun:
         files = [Path(p) for p in result["files"].values()]
         for path in files:
             if path.suffix != ".png":
-                client.log_artifact(self.run_id, str(path), "reports")
+                self.artifacts.log_artifact(str(path), "reports")
         model_file = Path(result["model_file"])
-        store.log_linked(client, self.run_id, self.artifact_uri, model_file, "exported")
+        store.log_linked(self.artifacts, self.artifact_uri, model_file, "exported")
         store.use(self.uri)
         # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble; the
         # final metrics are the model's too.
         info = log_ensemble_model(
-            [model_file], run_id=self.run_id, metrics=metrics, name="model", input_example=False, metas=[result["meta"]]
+            [model_file],
+            run_id=self.run_id,
+            metrics=metrics,
+            name="model",
+            input_example=False,
+            metas=[result["meta"]],
+            run_params=(self.experiment_id, self.params) if self.params is not None else None,
         )
         store.link_members(client.get_logged_model(info.model_id).artifact_location, [model_file])  # one copy on disk
         client.set_tag(self.run_id, "model_uri", info.model_uri)
@@ -202,11 +221,11 @@ class FoldRun:
             name = registry.model_name(self.cfg)
             version = registry.register_fold(self.uri, info.model_uri, name, self.fold, best, self.run_id)
             client.set_tag(self.run_id, "registered_model", f"models:/{name}/{version}")
+        self.stop_system_metrics()
         plots.wait(result.get("figures", []))  # drawn by src/plots.py's helper meanwhile
         for path in files:
             if path.suffix == ".png":
-                client.log_artifact(self.run_id, str(path), "reports")
-        self.stop_system_metrics()
+                self.artifacts.log_artifact(str(path), "reports")
         client.set_terminated(self.run_id, "FINISHED")
         log.info("MLflow: run %s (parent %s)%s", self.run_id, self.parent_id, f", version {version}" if version else "")
         summary.update_parent(self.uri, self.parent_id, self.cfg)
@@ -234,10 +253,11 @@ def start_fold_run(cfg: DictConfig, fold: int, data: dict[str, str]) -> FoldRun:
     }
     name = f"{parent.info.run_name} fold={fold}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    log_params(client, run.info.run_id, ident.all_params(cfg))
+    params = ident.all_params(cfg)
+    log_params(client, run.info.run_id, params)
     if "data_version" in data:
         log_dataset(client, run.info.run_id, Path(cfg.data.train_dir), data["data_version"], "training", "train")
-    fold_run = FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id, run.info.artifact_uri)
+    fold_run = FoldRun(uri, cfg, fold, experiment_id, parent_id, run.info.run_id, run.info.artifact_uri, params)
     fold_run.start_system_metrics()
     return fold_run
 
@@ -280,7 +300,7 @@ def reopen_fold_run(cfg: DictConfig, fold: int, run_id: str) -> FoldRun:
     parent_id = run.data.tags[PARENT_TAG]
     client.update_run(parent_id, status="RUNNING")
     fold_run = FoldRun(uri, cfg, fold, run.info.experiment_id, parent_id, run_id, run.info.artifact_uri)
-    fold_run.start_system_metrics()
+    fold_run.start_system_metrics(resume=True)
     return fold_run
 
 
