@@ -150,6 +150,30 @@ def test_a_fold_run_stays_open_after_fit_until_its_last_artifact(
     assert client.get_run(run.parent_id).info.status == "RUNNING"
 
 
+def test_a_process_keeps_its_parent_until_it_is_deleted(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    """src.tracking.runs.parent_run: the folds of one configuration in one process share the parent found first,
+    marked RUNNING again by id; a parent deleted meanwhile is replaced, and a deleted experiment is one line."""
+    from src.errors import UserError
+
+    cfg = make_cfg("logger=mlflow")
+    with open_dict(cfg):
+        cfg.logger.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cfg.logger.system_metrics = False
+    client = MlflowClient(cfg.logger.tracking_uri)
+    first = start_fold_run(cfg, 0, DATA)
+    client.set_terminated(first.parent_id, "FINISHED")  # as the parent's summary leaves it after a fold
+    second = start_fold_run(cfg, 1, DATA)
+    assert second.parent_id == first.parent_id
+    assert client.get_run(first.parent_id).info.status == "RUNNING"
+    client.delete_run(first.parent_id)
+    third = start_fold_run(cfg, 2, DATA)
+    assert third.parent_id != first.parent_id
+    assert client.get_run(third.run_id).data.tags["mlflow.parentRunId"] == third.parent_id
+    client.delete_experiment(third.experiment_id)
+    with pytest.raises(UserError, match="is deleted"):
+        start_fold_run(cfg, 3, DATA)
+
+
 def test_epoch_metrics_reach_the_store_in_batches_and_all_by_the_end_of_fit(tmp_path: Path) -> None:
     """FoldLogger holds metrics back for up to `flush_every_s` and sends the rest when fit ends (even failed);
     with 0 it sends each at once, with names cleaned as Lightning's logger cleans them."""

@@ -64,10 +64,31 @@ def _sweep_dir() -> str | None:
     return None
 
 
+# The parents this process found or created: (store, experiment, config hash) -> (experiment id, parent run, the
+# sweep folder it was tagged with). The next fold of a sweep marks its parent RUNNING again by id; only when that
+# fails (the parent or its experiment deleted meanwhile) does it look the parent up again.
+_parents: dict[tuple[str, str, str], tuple[str, Any, str | None]] = {}
+
+
 def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, Any, str]:
     """(experiment id, parent run, config hash) of this configuration, creating the parent on first use."""
+    from mlflow.exceptions import MlflowException
+
     client = store.client(uri)
     digest = ident.config_hash(cfg, data)
+    key = (uri, str(cfg.logger.experiment_name), digest)
+    sweep_dir = _sweep_dir()
+    if key in _parents:
+        experiment_id, parent, tagged = _parents[key]
+        try:
+            client.update_run(parent.info.run_id, status="RUNNING")  # its end time moves with its folds
+        except MlflowException:
+            del _parents[key]
+        else:
+            if sweep_dir and tagged != sweep_dir:
+                client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
+                _parents[key] = experiment_id, parent, sweep_dir
+            return experiment_id, parent, digest
     with store.store_lock(uri):  # also serialises the creation of a new sqlite store's tables
         experiment_id = store.experiment_id(client, cfg.logger.experiment_name)
         runs = client.search_runs(
@@ -93,9 +114,11 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, An
                 },
             )
             log_params(client, parent.info.run_id, ident.as_params(ident.identity(cfg, data)))
-    sweep_dir = _sweep_dir()
-    if sweep_dir and parent.data.tags.get("hydra_sweep_dir") != sweep_dir:
+    tagged = parent.data.tags.get("hydra_sweep_dir")
+    if sweep_dir and tagged != sweep_dir:
         client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
+        tagged = sweep_dir
+    _parents[key] = experiment_id, parent, tagged
     return experiment_id, parent, digest
 
 
