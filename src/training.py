@@ -456,7 +456,7 @@ def train_fold(cfg: DictConfig) -> float:
             run.client.log_param(run.run_id, "lr_found", f"{found['lr']:.6g}")
             with tempfile.TemporaryDirectory() as tmp:
                 plot = shutil.copyfile(found["plot"], Path(tmp) / "lr_find.png")
-                run.client.log_artifact(run.run_id, str(plot), "reports")
+                run.artifacts.log_artifact(str(plot), "reports")
     out_dir = Path(cfg.paths.output_dir)
     with tracking.fold_guard(run):
         history = EpochHistory(out_dir / "history.csv")

@@ -77,18 +77,27 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, An
     client = store.client(uri)
     digest = ident.config_hash(cfg, data)
     key = (uri, str(cfg.logger.experiment_name), digest)
-    sweep_dir = _sweep_dir()
+    parent = None
     if key in _parents:
         experiment_id, parent, tagged = _parents[key]
         try:
-            client.update_run(parent.info.run_id, status="RUNNING")  # its end time moves with its folds
+            client.update_run(parent.info.run_id, status="RUNNING")  # its end time moves with its folds (summary.py)
         except MlflowException:
-            del _parents[key]
-        else:
-            if sweep_dir and tagged != sweep_dir:
-                client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
-                _parents[key] = experiment_id, parent, sweep_dir
-            return experiment_id, parent, digest
+            parent = None
+    if parent is None:
+        experiment_id, parent = _find_or_create_parent(cfg, data, uri, digest)
+        tagged = parent.data.tags.get("hydra_sweep_dir")
+    sweep_dir = _sweep_dir()
+    if sweep_dir and tagged != sweep_dir:
+        client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
+        tagged = sweep_dir
+    _parents[key] = experiment_id, parent, tagged
+    return experiment_id, parent, digest
+
+
+def _find_or_create_parent(cfg: DictConfig, data: dict[str, str], uri: str, digest: str) -> tuple[str, Any]:
+    """(experiment id, parent run) of config hash `digest` in the store, marked RUNNING; created if there is none."""
+    client = store.client(uri)
     with store.store_lock(uri):  # also serialises the creation of a new sqlite store's tables
         experiment_id = store.experiment_id(client, cfg.logger.experiment_name)
         runs = client.search_runs(
@@ -99,7 +108,7 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, An
         )
         if runs:
             parent = runs[0]
-            client.update_run(parent.info.run_id, status="RUNNING")  # its end time moves with its folds (summary.py)
+            client.update_run(parent.info.run_id, status="RUNNING")
         else:
             parent = client.create_run(
                 experiment_id,
@@ -114,12 +123,7 @@ def parent_run(cfg: DictConfig, data: dict[str, str], uri: str) -> tuple[str, An
                 },
             )
             log_params(client, parent.info.run_id, ident.as_params(ident.identity(cfg, data)))
-    tagged = parent.data.tags.get("hydra_sweep_dir")
-    if sweep_dir and tagged != sweep_dir:
-        client.set_tag(parent.info.run_id, "hydra_sweep_dir", sweep_dir)
-        tagged = sweep_dir
-    _parents[key] = experiment_id, parent, tagged
-    return experiment_id, parent, digest
+    return experiment_id, parent
 
 
 class _Terminated(SystemExit):
@@ -223,7 +227,7 @@ class FoldRun:
             if path.suffix != ".png":
                 self.artifacts.log_artifact(str(path), "reports")
         model_file = Path(result["model_file"])
-        store.log_linked(self.artifacts, self.artifact_uri, model_file, "exported")
+        store.log_linked(self.artifacts, model_file, "exported")
         store.use(self.uri)
         # The exported file as an ensemble of one: no tracing, and the same loader as the fold ensemble; the
         # final metrics are the model's too.

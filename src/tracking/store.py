@@ -192,10 +192,11 @@ def _link_in_place(source: Path, path: Path) -> bool:
     return True
 
 
-def log_linked(repository: Any, artifact_uri: str, path: Path, artifact_path: str) -> None:
-    """Log `path` as `<artifact_path>/<name>`; in a local artifact store as a hard link to it (MLflow leaves a
-    file that is already in place, so a 45 MB network is not copied); elsewhere it is uploaded as usual."""
-    root = local_dir(artifact_uri)
+def log_linked(repository: Any, path: Path, artifact_path: str) -> None:
+    """Log `path` as `<artifact_path>/<name>` through an MLflow artifact repository; in a local artifact store as
+    a hard link to it (MLflow leaves a file that is already in place, so a 45 MB network is not copied); elsewhere
+    it is uploaded as usual."""
+    root = local_dir(repository.artifact_uri)
     if root is not None:
         target = root / artifact_path / path.name
         with contextlib.suppress(OSError):
