@@ -222,6 +222,12 @@ def sweep(
         "+callbacks.step_timer={_target_:benchmarks.arms.StepTimer}",
     ]
     runs, jobs = {}, {}
+    if mlflow:  # each arm's new store is a copy of the empty one made once per machine (seed_sqlite_store): made now
+        from src.tracking.store import seed_sqlite_store
+
+        probe = work / f"{name}-probe.db"
+        seed_sqlite_store(f"sqlite:///{probe}")
+        probe.unlink(missing_ok=True)
     for arm_name, choice in (("off", "false"), ("on_cold", "true"), ("on_warm", "true")):
         timer = work / f"{name}_jobs_{arm_name}.jsonl"
         timer.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from src import files
 from src.errors import UserError
 from src.preprocessing import IMAGENET_MEAN, IMAGENET_STD, is_weights_file
 
@@ -279,7 +280,7 @@ def save_model_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict
     torch.serialization.set_crc32_options(False)
     try:
         torch.save({"format": MODEL_FILE_FORMAT, "state_dict": state, **meta}, tmp)
-        tmp.replace(path)  # never leave a half-written model where a good one was
+        files.replace(tmp, path)  # never leave a half-written model where a good one was
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src import evaluation, file_memo, finetune, loss, plots, tracking, tuning
+from src import evaluation, file_memo, files, finetune, loss, plots, tracking, tuning
 from src.data import FoldDataModule, available_cpus, resolve_augment, resolve_num_workers
 from src.errors import UserError, positive_number, warn_once
 from src.features import attach_cached_features
@@ -214,9 +214,9 @@ def model_file(cfg: DictConfig, fold: int) -> Path:
 
 
 def publish_copy(source: Path, target: Path) -> None:
-    """Give a run's own model file the seed's shared name too (last writer wins), atomically: a hard link (a
-    copy across file systems) goes to a unique temporary name beside the target and is renamed, so parallel
-    jobs never mix files. Model files are replaced, never written in place, so the link costs no disk."""
+    """Give a run's own model file the seed's shared name too (last writer wins): a hard link (a copy across
+    file systems) goes to a unique temporary name beside the target and is put in place (src.files.replace), so
+    parallel jobs never mix files. Model files are replaced, never written in place, so the link costs no disk."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.resolve() == source.resolve():
         return
@@ -226,7 +226,7 @@ def publish_copy(source: Path, target: Path) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        files.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -533,7 +533,7 @@ def finish_fold(
     classes = datamodule.classes
     val = evaluation.summary_metrics(pred, len(classes))
     report_text, report = evaluation.class_report(pred, classes)
-    files = {
+    written = {
         "val_predictions": evaluation.write_csv(
             validation_rows(pred, classes, datamodule, fold), out_dir / "val_predictions.csv"
         ),
@@ -544,9 +544,9 @@ def finish_fold(
     }
     title = f"{cfg.model.name} fold {fold} (validation)"
     counts = evaluation.confusion_counts(pred, len(classes))
-    figures.append(plots.later(plots.save_confusion_matrix, counts, list(classes), files["confusion_matrix"], title))
+    figures.append(plots.later(plots.save_confusion_matrix, counts, list(classes), written["confusion_matrix"], title))
     (out_dir / "val_classification_report.txt").write_text(report_text)
-    files["report"] = out_dir / "val_classification_report.txt"
+    written["report"] = out_dir / "val_classification_report.txt"
     # best_val_accuracy is the validation accuracy of the kept checkpoint: its score when the checkpoint monitors
     # val_accuracy, else (e.g. monitor=val_balanced_accuracy) the accuracy of the reloaded model on the fold.
     # ddp_spawn brings the best path back to this process but not its score; the history has it.
@@ -568,7 +568,7 @@ def finish_fold(
         "val_report": report,
         "model_file": exported,
         "checkpoint": Path(checkpoint.best_model_path),
-        "files": files,
+        "files": written,
         "figures": figures,
         "meta": meta,
         "model": model,

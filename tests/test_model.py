@@ -374,3 +374,19 @@ def test_model_files_leave_torch_save_settings_as_they_were(tmp_path: Path) -> N
     assert torch.serialization.get_crc32_options() == before
     assert torch.equal(torch.load(path, weights_only=True, mmap=True)["state_dict"]["w"], torch.arange(1000.0))
     assert zipfile.ZipFile(path).testzip() is not None  # the records carry no CRC32
+
+
+def test_a_model_file_replaces_the_one_before_without_leftovers(tmp_path: Path) -> None:
+    """src.files.replace: a new model file takes the place of the old one (moved aside, not renamed over), no
+    temporary name is left, and a failed rename puts the old file back."""
+    from src import files
+
+    path = save_model_file(tmp_path / "m.pth", {"w": torch.zeros(3)}, {"classes": ["a"]})
+    old = path.stat().st_ino
+    save_model_file(path, {"w": torch.ones(3)}, {"classes": ["a"]})
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert path.stat().st_ino != old and [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+    with pytest.raises(FileNotFoundError):
+        files.replace(tmp_path / "missing.pth", path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]

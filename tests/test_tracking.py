@@ -3,6 +3,7 @@ faults, parallel jobs, a real `mlflow server`, and the leaderboard."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -10,7 +11,9 @@ import statistics
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
+import sqlalchemy
 import torch
 from mlflow import MlflowClient
 
@@ -180,6 +183,48 @@ def test_a_file_is_linked_in_place_or_left_as_it_was(tmp_path: Path) -> None:
     assert not _link_in_place(tmp_path / "missing.pth", other)
     assert other.read_bytes() == b"kept"
     assert sorted(p.name for p in other.parent.iterdir()) == ["model.pth", "other.pth"]
+
+
+def test_a_new_sqlite_store_is_a_copy_of_the_store_mlflow_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """src.tracking.store.seed_sqlite_store: a new store gets the tables, indexes and rows of one MLflow makes
+    itself, with its own Default experiment; an existing file is left alone, and without a cache folder it
+    can write, MLflow makes the store as before."""
+    import sqlite3
+
+    from src.tracking import store
+
+    def dump(database: Path) -> list[str]:
+        """Its statements' lines, sorted: MLflow orders some indexes and constraints differently in each process."""
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            lines = [line.strip().rstrip(",").strip() for sql in db.iterdump() for line in sql.splitlines()]
+        return sorted(re.sub(r",\d{13},\d{13},", ",<time>,<time>,", line) for line in lines)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")  # MLflow puts the Default experiment's artifacts under the working folder
+    store.client(f"sqlite:///{tmp_path / 'first.db'}").search_experiments()
+    assert [p.name for p in (tmp_path / "cache" / "image-classification" / "mlflow-stores").iterdir()] == [
+        f"empty-mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}.db"
+    ]
+    monkeypatch.chdir(tmp_path)
+    store.client(f"sqlite:///{tmp_path / 'seeded.db'}").search_experiments()
+    MlflowClient(f"sqlite:///{tmp_path / 'made.db'}").search_experiments()
+    made = dump(tmp_path / "made.db")
+    assert any(f"'Default','{tmp_path}/mlruns/0'" in line for line in made)
+    assert dump(tmp_path / "seeded.db") == made
+    assert [line.replace(f"{tmp_path}/first/", f"{tmp_path}/") for line in dump(tmp_path / "first.db")] == made
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    (tmp_path / "other.db").write_bytes(b"not a store")
+    store.seed_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}")
+    assert (tmp_path / "other.db").read_bytes() == b"not a store"
+
+    (tmp_path / "read-only").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "read-only"))  # a file, so no folder can be made in it
+    store.client(f"sqlite:///{tmp_path / 'unseeded'}.db").search_experiments()
+    assert dump(tmp_path / "unseeded.db") == made
 
 
 def test_out_of_fold_predictions_cover_every_image_once(sweep_store: tuple[str, Path], image_root: Path) -> None:
