@@ -220,6 +220,8 @@ def test_a_new_sqlite_store_is_a_copy_of_the_store_mlflow_makes(
     (tmp_path / "other.db").write_bytes(b"not a store")
     store.seed_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}")
     assert (tmp_path / "other.db").read_bytes() == b"not a store"
+    store.seed_sqlite_store(f"sqlite:///{tmp_path / 'options.db'}?timeout=20")
+    assert not list(tmp_path.glob("options.db*"))
 
     (tmp_path / "read-only").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "read-only"))  # a file, so no folder can be made in it

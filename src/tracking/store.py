@@ -101,8 +101,8 @@ def seed_sqlite_store(uri: str) -> None:
     import uuid
 
     database = sqlite_file(uri)
-    if database is None or database.exists() or not database.parent.is_dir():
-        return
+    if database is None or "?" in uri or database.exists() or not database.parent.is_dir():
+        return  # with query parameters (`?timeout=20`), the file name is SQLAlchemy's to parse
     tmp = database.with_name(f".{database.name}.{uuid.uuid4().hex}.tmp")
     try:
         shutil.copyfile(_empty_store(), tmp)
