@@ -297,8 +297,8 @@ def resweep(work: Path, data: Path, folds: int, epochs: int, image_size: int) ->
 
 def disk(work: Path, data: Path, test_data: Path, quick: bool = False) -> dict[str, Any]:
     """(f): `make demo` in a scratch folder standing for the repository: the 5-fold sample sweep logged to MLflow
-    (sqlite store, local artifacts), then test.py of the champion; `du` of what it leaves there, and of the
-    ONNX cache, which lives in the user's cache folder (here XDG_CACHE_HOME=<workdir>/demo-user-cache)."""
+    (sqlite store, local artifacts), then test.py of the champion; `du` of what it leaves there, and of the user's
+    cache folder (here XDG_CACHE_HOME=<workdir>/demo-user-cache: the ONNX cache, the empty MLflow store)."""
     repo, user_cache = work / "demo-repo", work / "demo-user-cache"
     for folder in (repo, user_cache):
         shutil.rmtree(folder, ignore_errors=True)
@@ -341,7 +341,7 @@ def disk(work: Path, data: Path, test_data: Path, quick: bool = False) -> dict[s
         "MLflow sqlite + ./mlruns), then test.py ckpt=models:/resnet18_classifier@champion; du -sm (hard links once)",
         "repo_mb": du(repo),
         "by_folder_mb": {p.name: du(p) for p in sorted(repo.iterdir())},
-        "onnx_user_cache_mb": du(user_cache),
+        "user_cache_mb": du(user_cache),
         "train_s": train["seconds"],
         "test_s": test["seconds"],
         "cpu_busy_before": [train["cpu_busy_before"], test["cpu_busy_before"]],
@@ -466,7 +466,7 @@ def print_table(results: dict[str, Any]) -> None:
             (
                 "f) make demo on disk (MB, du)",
                 f"{f['repo_mb']:.0f}",
-                f"ONNX cache {f['onnx_user_cache_mb']:.0f}",
+                f"user cache {f['user_cache_mb']:.0f}",
                 "",
                 "<= 600",
             )
