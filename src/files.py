@@ -17,6 +17,9 @@ def replace(new: Path, target: Path) -> None:
     there leaves both files in the folder under their temporary names, nothing lost. A file that another process
     puts at `target` meanwhile is replaced as os.replace would.
     """
+    if target.is_dir():
+        os.replace(new, target)  # raises, as it would: a folder is never moved aside for a file
+        return
     aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     try:
         os.rename(target, aside)

@@ -378,7 +378,7 @@ def test_model_files_leave_torch_save_settings_as_they_were(tmp_path: Path) -> N
 
 def test_a_model_file_replaces_the_one_before_without_leftovers(tmp_path: Path) -> None:
     """src.files.replace: a new model file takes the place of the old one (moved aside, not renamed over), no
-    temporary name is left, and a failed rename puts the old file back."""
+    temporary name is left, a failed rename puts the old file back, and a folder in the way stays where it is."""
     from src import files
 
     path = save_model_file(tmp_path / "m.pth", {"w": torch.zeros(3)}, {"classes": ["a"]})
@@ -390,3 +390,7 @@ def test_a_model_file_replaces_the_one_before_without_leftovers(tmp_path: Path) 
         files.replace(tmp_path / "missing.pth", path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(OSError):
+        save_model_file(tmp_path / "folder.pth", {"w": torch.ones(3)}, {"classes": ["a"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pth", "m.pth"] and (tmp_path / "folder.pth").is_dir()
