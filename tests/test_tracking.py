@@ -223,6 +223,13 @@ def test_a_new_sqlite_store_is_a_copy_of_the_store_mlflow_makes(
     store.seed_sqlite_store(f"sqlite:///{tmp_path / 'options.db'}?timeout=20")
     assert not list(tmp_path.glob("options.db*"))
 
+    (empty,) = (tmp_path / "cache" / "image-classification" / "mlflow-stores").iterdir()
+    empty.write_bytes(b"damaged")  # a bad empty store is not copied, and is made again next time
+    for name in ("after-damage", "remade"):
+        store.client(f"sqlite:///{tmp_path / name}.db").search_experiments()
+        assert dump(tmp_path / f"{name}.db") == made
+    assert store._is_empty_store(empty)
+
     (tmp_path / "read-only").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "read-only"))  # a file, so no folder can be made in it
     store.client(f"sqlite:///{tmp_path / 'unseeded'}.db").search_experiments()

@@ -97,7 +97,7 @@ def seed_sqlite_store(uri: str) -> None:
     once per MLflow and SQLAlchemy version, in the user's cache folder, less its Default experiment, whose
     artifact folder depends on where a store is made: MLflow adds that experiment when it opens the copy, as it
     does in a store it made. Any failure leaves the store for MLflow to make as before; an existing file is never
-    touched.
+    touched, and an empty store that fails its check is made again next time.
     """
     import shutil
     import uuid
@@ -107,12 +107,28 @@ def seed_sqlite_store(uri: str) -> None:
         return  # with query parameters (`?timeout=20`), the file name is SQLAlchemy's to parse
     tmp = database.with_name(f".{database.name}.{uuid.uuid4().hex}.tmp")
     try:
-        shutil.copyfile(_empty_store(), tmp)
+        empty = _empty_store()
+        shutil.copyfile(empty, tmp)
+        if not _is_empty_store(tmp):
+            empty.unlink(missing_ok=True)
+            raise ValueError(f"{empty} is not an empty MLflow store; removed")
         os.link(tmp, database)  # fails, leaving it, if a store appeared meanwhile
     except Exception as err:  # noqa: BLE001 - an optimisation: MLflow makes the store itself
         log.debug("sqlite store %s left for MLflow to make: %s", database, err)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _is_empty_store(path: Path) -> bool:
+    """A sqlite file with MLflow's schema version and tables and no experiment, as _empty_store writes it."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            versions = db.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+            return versions == 1 and db.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
 
 
 def _empty_store() -> Path:
