@@ -246,17 +246,18 @@ def local_dir(artifact_uri: str) -> Path | None:
 
 
 def _link_in_place(source: Path, path: Path) -> bool:
-    """Make `path` a hard link to `source`: a link under a temporary name (which fails, leaving `path` as it was,
-    across file systems), then put in place by src.files.replace, which spares the next commit of MLflow's
-    sqlite store a wait for ext4 to write out the 45 MB model (~20 ms, measured)."""
+    """Make `path` a hard link to `source`: a link under a temporary name, put in place by src.files.replace,
+    which spares the next commit of MLflow's sqlite store a wait for ext4 to write out the 45 MB model (~20 ms,
+    measured). Where that fails (across file systems), `path` is left as it was."""
     import uuid
 
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         os.link(source, tmp)
+        files.replace(tmp, path)
     except OSError:
+        tmp.unlink(missing_ok=True)
         return False
-    files.replace(tmp, path)
     return True
 
 
