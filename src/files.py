@@ -1,10 +1,17 @@
-"""Putting a finished file where another one may be, without making the file system write it out first."""
+"""Putting a finished file where another one may be, atomically and without making the file system write it out
+first: model files, their hard links, a new MLflow store."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
+
+
+def temporary_name(target: Path, suffix: str = ".tmp") -> Path:
+    """A hidden name beside `target` that no other process or job picks: parallel jobs may write the same name."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}{suffix}")
 
 
 def replace(new: Path, target: Path) -> None:
@@ -20,7 +27,7 @@ def replace(new: Path, target: Path) -> None:
     if target.is_dir():
         os.replace(new, target)  # raises, as it would: a folder is never moved aside for a file
         return
-    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    aside = temporary_name(target, ".old")
     try:
         os.rename(target, aside)
     except FileNotFoundError:
@@ -32,3 +39,21 @@ def replace(new: Path, target: Path) -> None:
         os.replace(aside, target)
         raise
     aside.unlink()
+
+
+def link(source: Path, target: Path, copy: bool = False) -> None:
+    """Make `target` a hard link to `source` (with `copy`, a copy where no link can be made: across file
+    systems), made under a temporary name and put in place by replace(). Raises OSError, `target` as it was,
+    when that cannot be done."""
+    tmp = temporary_name(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            if not copy:
+                raise
+            shutil.copyfile(source, tmp)
+        replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import logging
 import math
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -275,7 +274,7 @@ def save_model_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # unique: parallel jobs may write the same name
+    tmp = files.temporary_name(path)
     crc = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:

@@ -12,7 +12,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import uuid
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -215,21 +214,11 @@ def model_file(cfg: DictConfig, fold: int) -> Path:
 
 def publish_copy(source: Path, target: Path) -> None:
     """Give a run's own model file the seed's shared name too (last writer wins): a hard link (a copy across
-    file systems) goes to a unique temporary name beside the target and is put in place (src.files.replace), so
-    parallel jobs never mix files. Model files are replaced, never written in place, so the link costs no disk."""
+    file systems) put in place atomically (src.files.link), so parallel jobs never mix files. Model files are
+    replaced, never written in place, so the link costs no disk."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.resolve() == source.resolve():
-        return
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        files.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if target.resolve() != source.resolve():
+        files.link(source, target, copy=True)
 
 
 def validation_rows(

@@ -100,12 +100,11 @@ def seed_sqlite_store(uri: str) -> None:
     touched, and an empty store that fails its check is made again next time.
     """
     import shutil
-    import uuid
 
     database = sqlite_file(uri)
     if database is None or "?" in uri or database.exists() or not database.parent.is_dir():
         return  # with query parameters (`?timeout=20`), the file name is SQLAlchemy's to parse
-    tmp = database.with_name(f".{database.name}.{uuid.uuid4().hex}.tmp")
+    tmp = files.temporary_name(database)
     try:
         empty = _empty_store()
         shutil.copyfile(empty, tmp)
@@ -246,17 +245,12 @@ def local_dir(artifact_uri: str) -> Path | None:
 
 
 def _link_in_place(source: Path, path: Path) -> bool:
-    """Make `path` a hard link to `source`: a link under a temporary name, put in place by src.files.replace,
-    which spares the next commit of MLflow's sqlite store a wait for ext4 to write out the 45 MB model (~20 ms,
-    measured). Where that fails (across file systems), `path` is left as it was."""
-    import uuid
-
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    """Make `path` a hard link to `source` (src.files.link: never renamed over, which spares the next commit of
+    MLflow's sqlite store a wait for ext4 to write out the 45 MB model, ~20 ms measured); where no link can be
+    made (across file systems), `path` is left as it was and the answer is False."""
     try:
-        os.link(source, tmp)
-        files.replace(tmp, path)
+        files.link(source, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
     return True
 
